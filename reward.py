@@ -1,0 +1,372 @@
+"""Rewards the RL loop can optimise.
+
+Part 1 is the self-supervised reward of CAGSR (arXiv 2502.10482, §3.2), computed from the
+decoder's cross-attention alone:
+
+    R(x, y) = α·coverage(x, y) + β·focus(x, y) − γ·repeatPenalty(y)
+
+Every function below is a pure, batched tensor function. Shapes: B sequences, T response
+steps, S prompt tokens. Masks are bool, True = real token. Ā `[B, T, S]` is the aggregated
+cross-attention: each real response row sums to 1 over the prompt and padded prompt
+positions carry exactly 0 weight, so no prompt mask is needed (0·log 0 = 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import string
+import tempfile
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# 1. I_x: the important prompt tokens
+# --------------------------------------------------------------------------------------------
+# §3.2 assumes "a subset of crucial tokens I_x ⊆ {1, …, |x|} [found] by heuristics such as inverse
+# document frequency (IDF) or named entity recognition". Ours works on words, then marks every
+# letter/digit piece of a chosen word:
+#   - the top_k words of highest IDF in the prompt (or those with IDF ≥ threshold), and
+#   - entities: capitalised words not starting a sentence, and words with a digit.
+# Padding, special tokens and pure punctuation pieces are never in I_x.
+
+DEFAULT_TOP_K = 3
+WORD_START = "\u2581"  # "▁": sentencepiece marks the first piece of a word with it
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte fallback, e.g. "<0x41>"
+
+
+def _normalise(word: str) -> str:
+    """The IDF key of a word: lowercased, punctuation stripped ("Zorvania?" → "zorvania")."""
+    return "".join(ch for ch in word.lower() if ch.isalnum())
+
+
+def fit_idf(prompts: list[str]) -> dict[str, float]:
+    """IDF over the training prompts: idf(w) = log((1 + N) / (1 + df(w))), N = #prompts.
+
+    df(w) = #prompts containing w. The +1s keep it finite and ≥ 0 (0 for a word in every
+    prompt); a word never seen (df = 0) would get the largest value, log(1 + N).
+    """
+    df = Counter(key for prompt in prompts for key in {_normalise(w) for w in prompt.split()} if key)
+    return {key: math.log((1 + len(prompts)) / (1 + count)) for key, count in sorted(df.items())}
+
+
+def save_idf(idf: dict[str, float], path: str) -> None:
+    """Write the IDF table as JSON atomically: a crash leaves the old file or the new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(idf, f, indent=0, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_idf(path: str) -> dict[str, float]:
+    """Read a table written by save_idf; ValueError if the file is not one."""
+    with open(path) as f:
+        try:
+            table = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not an IDF table ({e})") from None
+    if not isinstance(table, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in table.values()
+    ):
+        raise ValueError(f"{path}: not an IDF table (want a JSON object of word → number)")
+    return {key: float(v) for key, v in table.items()}
+
+
+def _piece_text(piece: str) -> tuple[bytes, bool]:
+    """The UTF-8 bytes a piece spells, and whether it holds a letter or digit."""
+    byte = _BYTE_PIECE.fullmatch(piece)
+    if byte:
+        b = int(byte.group(1), 16)
+        return bytes([b]), b >= 0x80 or chr(b).isalnum()  # a non-ASCII byte is part of a letter like "é"
+    text = piece.replace(WORD_START, "")
+    return text.encode(), any(ch.isalnum() for ch in text)
+
+
+def _prompt_words(ids: list[int], pieces: list[str], special: set[int]) -> list[tuple[str, list[int]]]:
+    """Rebuild one prompt's words from its pieces: (surface text, positions of its letter/digit pieces).
+
+    A piece starting with "▁" (U+2581) starts a word; special tokens end one and belong to none.
+    """
+    words: list[tuple[bytearray, list[int]]] = []
+    in_word = False
+    for pos, i in enumerate(ids):
+        if i in special:
+            in_word = False
+            continue
+        raw, has_content = _piece_text(pieces[i])
+        if pieces[i].startswith(WORD_START) or not in_word:
+            words.append((bytearray(), []))
+            in_word = True
+        words[-1][0].extend(raw)
+        if has_content:
+            words[-1][1].append(pos)
+    return [(raw.decode("utf-8", "replace"), positions) for raw, positions in words]
+
+
+def _choose_words(
+    words: list[tuple[str, list[int]]], idf: dict[str, float], threshold: float | None, top_k: int | None
+) -> list[bool]:
+    """For each word of one prompt: is it in I_x (high IDF, or an entity)?"""
+    keys = [_normalise(text) for text, _ in words]
+    unseen = max(idf.values(), default=0.0)  # a word absent from the training prompts is as rare as any
+    score = {key: idf.get(key, unseen) for key in keys if key}  # insertion order = first occurrence
+    if threshold is not None:
+        by_idf = {key for key, s in score.items() if s >= threshold}
+    else:
+        by_idf = set(sorted(score, key=lambda key: -score[key])[:top_k])  # stable: ties go to the earlier word
+    chosen, sentence_start = [], True
+    for (text, _), key in zip(words, keys):
+        first = next((ch for ch in text if ch.isalnum()), "")
+        # A capital at a sentence start says nothing; elsewhere it marks a name ("Zorvania"), except "I".
+        entity = (first.isupper() and not sentence_start and key != "i") or any(ch.isdigit() for ch in text)
+        chosen.append(bool(key) and (key in by_idf or entity))
+        sentence_start = text.rstrip("\"')]")[-1:] in (".", "!", "?")
+    return chosen
+
+
+def _important_words_per_prompt(
+    prompt_ids: torch.Tensor,
+    idf: dict[str, float],
+    pieces: list[str],
+    special_ids: tuple[int, ...],
+    threshold: float | None,
+    top_k: int | None,
+    pad_id: int,
+) -> list[list[tuple[str, list[int]]]]:
+    """Per prompt, the chosen words as (surface text, piece positions); checks the arguments."""
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be [B,S], got shape {tuple(prompt_ids.shape)}")
+    if threshold is not None and top_k is not None:
+        raise ValueError("give threshold or top_k, not both")
+    if threshold is None and top_k is None:
+        top_k = DEFAULT_TOP_K
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be ≥ 0, got {top_k}")
+    if prompt_ids.numel() and not 0 <= prompt_ids.min() <= prompt_ids.max() < len(pieces):
+        raise ValueError(f"prompt_ids must lie in 0..{len(pieces) - 1} (the piece list)")
+    special = {*special_ids, pad_id}
+    chosen = []
+    for ids in prompt_ids.tolist():
+        words = _prompt_words(ids, pieces, special)
+        keep = _choose_words(words, idf, threshold, top_k)
+        chosen.append([word for word, k in zip(words, keep) if k])
+    return chosen
+
+
+def important_token_mask(
+    prompt_ids: torch.Tensor,
+    idf: dict[str, float],
+    pieces: list[str],
+    special_ids: tuple[int, ...] = (0, 1, 2, 3),
+    threshold: float | None = None,
+    top_k: int | None = None,
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """I_x of §3.2 as a mask: prompt_ids `[B, S]` → Bool `[B, S]`, True on every piece of a chosen word.
+
+    pieces[i] is the sentencepiece string of id i; special_ids are (pad, bos, eos, unk). Choose words
+    by IDF with top_k (default 3) or threshold, not both; entities are always chosen.
+    """
+    mask = torch.zeros(prompt_ids.shape, dtype=torch.bool)  # [B, S]
+    for b, words in enumerate(_important_words_per_prompt(prompt_ids, idf, pieces, special_ids, threshold, top_k, pad_id)):
+        for _, positions in words:
+            mask[b, positions] = True
+    return mask.to(prompt_ids.device)
+
+
+def important_words(
+    prompt_ids: torch.Tensor,
+    idf: dict[str, float],
+    pieces: list[str],
+    special_ids: tuple[int, ...] = (0, 1, 2, 3),
+    threshold: float | None = None,
+    top_k: int | None = None,
+    pad_id: int = 0,
+) -> list[list[str]]:
+    """The words behind important_token_mask, per prompt and in order, for display ("Zorvania")."""
+    return [
+        [text.strip(string.punctuation) for text, _ in words]
+        for words in _important_words_per_prompt(prompt_ids, idf, pieces, special_ids, threshold, top_k, pad_id)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Ā: the cross-attention the reward reads
+# --------------------------------------------------------------------------------------------
+
+
+def aggregate_layers(attn: torch.Tensor, last: int) -> torch.Tensor:
+    """§3.2, Ā: Ā_{t,j} = (1/L') Σ_{ℓ=L−L'+1}^{L} A^{(ℓ)}_{t,j}, each A^{(ℓ)} averaged over heads.
+
+    attn is `[L, B, H, T, S]` (per head) or `[L, B, T, S]` (heads already averaged); last = L'.
+    """
+    if attn.dim() not in (4, 5):
+        raise ValueError(f"attn must be [L,B,H,T,S] or [L,B,T,S], got shape {tuple(attn.shape)}")
+    if not 1 <= last <= attn.shape[0]:
+        raise ValueError(f"last must be in 1..{attn.shape[0]} (the number of layers), got {last}")
+    if attn.dim() == 5:
+        attn = attn.mean(dim=2)  # [L, B, T, S]: mean over heads
+    return attn[-last:].mean(dim=0)  # [B, T, S]: mean over the last L' layers
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The three terms of R(x, y)
+# --------------------------------------------------------------------------------------------
+
+ROW_SUM_TOL = 1e-3
+
+
+def _check_attention(attn: torch.Tensor, response_mask: torch.Tensor) -> None:
+    """Refuse inputs that would give a silently wrong reward (raw scores, wrong shapes)."""
+    if attn.dim() != 3:
+        raise ValueError(f"attn must be Ā [B,T,S], got shape {tuple(attn.shape)}")
+    if response_mask.dtype != torch.bool or response_mask.shape != attn.shape[:2]:
+        raise ValueError(
+            f"response_mask must be bool [B,T] = {tuple(attn.shape[:2])}, "
+            f"got {response_mask.dtype} {tuple(response_mask.shape)}"
+        )
+    real = response_mask.unsqueeze(-1).expand_as(attn)  # [B, T, S]
+    if (real & ~(attn >= 0)).any():  # ~(x >= 0) also catches NaN
+        b, t, j = (real & ~(attn >= 0)).nonzero()[0].tolist()
+        raise ValueError(
+            f"attn must be non-negative and finite (got {attn[b, t, j].item():.4g} at batch {b}, "
+            f"step {t}, prompt position {j}): pass softmax weights, not raw scores"
+        )
+    row_sum = attn.sum(dim=-1)  # [B, T]
+    bad = response_mask & ~((row_sum - 1).abs() <= ROW_SUM_TOL)
+    if bad.any():
+        b, t = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"attn rows must sum to 1 over the prompt (got {row_sum[b, t].item():.4g} at batch {b}, "
+            f"step {t}): pass softmax weights, not raw scores"
+        )
+
+
+def _mean_over_response(per_step: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(1/|y|) Σ_t per_step[t] over real steps; 0 for an empty response (not 0/0)."""
+    per_step = torch.where(response_mask, per_step, 0.0)  # [B, T]: padded rows may hold garbage
+    length = response_mask.sum(dim=-1).clamp(min=1)  # [B]: |y|
+    return per_step.sum(dim=-1) / length  # [B]
+
+
+def coverage(attn: torch.Tensor, important: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """§3.2, coverage: coverage(x, y) = (1/(|y|·|I_x|)) Σ_{t=1}^{|y|} Σ_{j∈I_x} Ā_{t,j}.
+
+    Lies in [0, 1/|I_x|]; 0 for an empty response or an empty I_x.
+    """
+    _check_attention(attn, response_mask)
+    if important.dtype != torch.bool or important.shape != (attn.shape[0], attn.shape[2]):
+        raise ValueError(
+            f"important must be bool [B,S] = {(attn.shape[0], attn.shape[2])}, "
+            f"got {important.dtype} {tuple(important.shape)}"
+        )
+    on_important = (attn * important.unsqueeze(1)).sum(dim=-1)  # [B, T]: Σ_{j∈I_x} Ā_{t,j}
+    n_important = important.sum(dim=-1).clamp(min=1)  # [B]: |I_x|
+    return _mean_over_response(on_important, response_mask) / n_important  # [B]
+
+
+def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
+    """§3.2, entropy: entropy(A_t) = −Σ_{j=1}^{|x|} Ā_{t,j} log Ā_{t,j}, with 0·log 0 = 0.
+
+    `[B, T, S]` → `[B, T]`. Zero-weight (padded) prompt positions add nothing.
+    """
+    return -torch.special.xlogy(attn, attn).sum(dim=-1)  # [B, T]
+
+
+def focus(attn: torch.Tensor, response_mask: torch.Tensor, entropy_floor: float = 0.0) -> torch.Tensor:
+    """§3.2, focus, with the §6 entropy floor h: focus(x, y) = −(1/|y|) Σ_t max(entropy(A_t), h).
+
+    With h = 0 this is the paper's focus exactly, in [−log(#real prompt tokens), 0]. A floor
+    h > 0 is §6's "lower bound on entropy": attention sharper than h earns nothing more, so
+    spiky attention cannot be used to hack the reward; focus ≤ −h.
+    """
+    _check_attention(attn, response_mask)
+    entropy = attention_entropy(attn).clamp(min=entropy_floor)  # [B, T]; floor 0 also absorbs −1e-7 rounding
+    return -_mean_over_response(entropy, response_mask)  # [B]
+
+
+def repeat_penalty(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """§3.2, repeatPenalty(y): the share of y's n-grams that already occurred earlier in y.
+
+    repeatPenalty(y) = #{i : g_i = g_k for some k < i} / #{n-grams g_i of y}, in [0, 1]; an
+    n-gram counts only if all its n tokens are real, and a response with no n-gram scores 0.
+    """
+    if response_ids.shape != response_mask.shape or response_mask.dtype != torch.bool:
+        raise ValueError(
+            f"response_ids [B,T] and a bool response_mask of the same shape are needed, got "
+            f"{tuple(response_ids.shape)} and {response_mask.dtype} {tuple(response_mask.shape)}"
+        )
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    B, T = response_ids.shape
+    if T < n:
+        return torch.zeros(B, device=response_ids.device)
+    grams = response_ids.unfold(1, n, 1)  # [B, K, n], K = T − n + 1: g_i = y_i … y_{i+n−1}
+    real = response_mask.unfold(1, n, 1).all(dim=-1)  # [B, K]
+    same = (grams.unsqueeze(2) == grams.unsqueeze(1)).all(dim=-1)  # [B, K, K]: g_i == g_k
+    same &= real.unsqueeze(1)  # only real earlier n-grams count as occurrences
+    K = grams.shape[1]
+    earlier = torch.ones(K, K, dtype=torch.bool, device=grams.device).tril(-1)  # [K, K]: k < i
+    repeated = (same & earlier).any(dim=-1) & real  # [B, K]
+    return repeated.sum(dim=-1) / real.sum(dim=-1).clamp(min=1)  # [B]
+
+
+class RewardBreakdown(NamedTuple):
+    """R(x, y) and its three terms, each `[B]` (logged separately, and used by the ablations)."""
+
+    total: torch.Tensor
+    coverage: torch.Tensor
+    focus: torch.Tensor
+    repeat: torch.Tensor
+
+
+def cagsr_reward(
+    attn: torch.Tensor,
+    important: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    gamma: float = 1.0,
+    entropy_floor: float = 0.0,
+    n: int = 2,
+) -> RewardBreakdown:
+    """§3.2, R: R(x, y) = α·coverage(x, y) + β·focus(x, y) − γ·repeatPenalty(y).
+
+    Defaults α = 1.0, β = 0.5, γ = 1.0 are the paper's (§5, grid search); attn is Ā `[B, T, S]`.
+    """
+    if response_ids.shape != response_mask.shape:
+        raise ValueError(
+            f"response_ids {tuple(response_ids.shape)} and response_mask {tuple(response_mask.shape)} differ"
+        )
+    cov = coverage(attn, important, response_mask)  # [B]
+    foc = focus(attn, response_mask, entropy_floor)  # [B]
+    rep = repeat_penalty(response_ids, response_mask, n).to(attn.dtype)  # [B]
+    return RewardBreakdown(alpha * cov + beta * foc - gamma * rep, cov, foc, rep)
+
+
+def worked_example() -> dict[str, torch.Tensor]:
+    """A 4-token prompt, a 3-token response and I_x = {0, 1}: small enough to check by hand.
+
+    `cagsr_reward(**worked_example())` gives coverage 5/12, focus −log 2, repeat 1/2 (see the
+    tests and the tutorial for the arithmetic).
+    """
+    attn = torch.tensor(
+        [[[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]], dtype=torch.float64
+    )  # [1, 3, 4]
+    return {
+        "attn": attn,
+        "important": torch.tensor([[True, True, False, False]]),  # [1, 4]: I_x = {0, 1}
+        "response_ids": torch.tensor([[7, 7, 7]]),  # [1, 3]: bigrams (7,7), (7,7): the second repeats
+        "response_mask": torch.tensor([[True, True, True]]),  # [1, 3]
+    }
