@@ -1,0 +1,164 @@
+"""model.py as a specification: attention is a distribution that never touches padding, the decoder
+is causal, KV-cached sampling is exactly teacher forcing, and the presets have the sizes we claim."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model import PRESETS, Transformer, attend, build
+
+CFG = replace(PRESETS["tiny"], vocab_size=97, d_model=32, n_heads=4, d_ff=64, n_enc_layers=2,
+              n_dec_layers=3, max_len=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+def prompts(lengths, S=None, seed=1):
+    """Right-padded random prompts of the given real lengths: [B, S]."""
+    g = torch.Generator().manual_seed(seed)
+    S = S or max(lengths)
+    ids = torch.randint(3, CFG.vocab_size, (len(lengths), S), generator=g)
+    for b, n in enumerate(lengths):
+        ids[b, n:] = CFG.pad_id
+    return ids
+
+
+def with_bos(tokens):
+    return torch.cat([torch.full((tokens.shape[0], 1), CFG.bos_id), tokens], dim=1)
+
+
+def teacher_forced(model, src, rollout, capture_last):
+    """Log-probs of the sampled tokens and Ā, recomputed in one forward pass."""
+    logits, attn = model(src, with_bos(rollout.tokens), capture_last=capture_last)
+    logp = logits[:, :-1].log_softmax(-1).gather(2, rollout.tokens[..., None])[..., 0]
+    return logp, attn[:, :-1]
+
+
+def test_explicit_attention_equals_sdpa():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])[:, None, None, :]
+    for kwargs in ({"mask": mask}, {}):
+        fused, _ = attend(q, k, v, **kwargs)
+        explicit, w = attend(q, k, v, need_weights=True, **kwargs)
+        torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=1e-5)
+    q2 = torch.randn(2, 3, 7, 8)
+    fused, _ = attend(q2, k, v, causal=True)
+    explicit, w = attend(q2, k, v, causal=True, need_weights=True)
+    torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=1e-5)
+    assert torch.all(w.triu(1) == 0)
+
+
+def test_cross_attention_rows_sum_to_one_and_padding_gets_exactly_zero(model):
+    src = prompts([6, 3, 1], S=8)
+    tgt = with_bos(torch.randint(3, CFG.vocab_size, (3, 5)))
+    for last in (1, 2, 3):
+        _, attn = model(src, tgt, capture_last=last)  # [B,T,S]
+        torch.testing.assert_close(attn.sum(-1), torch.ones(3, 6))
+        assert torch.all(attn[src[:, None, :].expand_as(attn) == CFG.pad_id] == 0)
+    assert model(src, tgt)[1] is None
+
+
+def test_decoder_is_causal(model):
+    src = prompts([5, 7])
+    tgt = with_bos(torch.randint(3, CFG.vocab_size, (2, 6)))
+    changed = tgt.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % CFG.vocab_size
+    a, attn_a = model(src, tgt, capture_last=2)
+    b, attn_b = model(src, changed, capture_last=2)
+    torch.testing.assert_close(a[:, :4], b[:, :4], atol=0, rtol=0)
+    torch.testing.assert_close(attn_a[:, :4], attn_b[:, :4], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_kv_cached_generation_equals_teacher_forcing(model, greedy):
+    src = prompts([7, 4, 2], S=9)
+    torch.manual_seed(3)
+    r = model.generate(src, num_samples=4, max_new_tokens=12, greedy=greedy, capture_last=2)
+    assert r.tokens.shape == r.logprobs.shape == r.mask.shape == r.cross_attn.shape[:2]
+    assert r.cross_attn.shape == (12, r.tokens.shape[1], 9)
+    logp, attn = teacher_forced(model, src, r, capture_last=2)
+    torch.testing.assert_close(logp[r.mask], r.logprobs[r.mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn[r.mask], r.cross_attn[r.mask], atol=1e-5, rtol=0)
+    assert torch.all(r.cross_attn[~r.mask] == 0) and torch.all(r.logprobs[~r.mask] == 0)
+
+
+def test_rollout_layout_eos_and_padding(model):
+    """Rows b·N…b·N+N−1 are prompt b's samples; a sample ends at its first EOS, pad after it."""
+    cfg = replace(CFG, eos_id=5)
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():  # logit 3 for EOS, ≈0 for the rest: P(EOS) ≈ 0.17 per step
+        m.dec_norm.weight.zero_()
+        m.dec_norm.bias.copy_(torch.nn.functional.one_hot(torch.tensor(0), cfg.d_model).float())
+        m.embed.weight[cfg.eos_id, 0] = 3.0
+    src = prompts([5, 5])
+    src[1] = src[0]
+    r = m.generate(src, num_samples=3, max_new_tokens=10)
+    lengths = r.mask.sum(1)
+    assert lengths.min() < r.tokens.shape[1]
+    for row, n in enumerate(lengths.tolist()):
+        assert r.mask[row, :n].all() and not r.mask[row, n:].any()
+        assert torch.all(r.tokens[row, n:] == cfg.pad_id)
+        assert (r.tokens[row, : n - 1] != cfg.eos_id).all()
+        assert r.tokens[row, n - 1] == cfg.eos_id or n == r.tokens.shape[1]
+    assert not (r.tokens[r.mask] == cfg.pad_id).any() and not (r.tokens == cfg.bos_id).any()
+
+
+def test_padded_batch_gives_each_sequence_its_result_alone(model):
+    lengths = [8, 3, 5]
+    src = prompts(lengths, S=10)
+    tgt = with_bos(torch.randint(3, CFG.vocab_size, (3, 6)))
+    logits, attn = model(src, tgt, capture_last=2)
+    greedy = model.generate(src, greedy=True, max_new_tokens=8)
+    for b, n in enumerate(lengths):
+        alone_logits, alone_attn = model(src[b : b + 1, :n], tgt[b : b + 1], capture_last=2)
+        torch.testing.assert_close(logits[b : b + 1], alone_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn[b : b + 1, :, :n], alone_attn, atol=1e-6, rtol=1e-5)
+        alone = model.generate(src[b : b + 1, :n], greedy=True, max_new_tokens=8)
+        T = alone.tokens.shape[1]
+        assert torch.equal(greedy.tokens[b, :T], alone.tokens[0])
+        torch.testing.assert_close(greedy.cross_attn[b, :T, :n], alone.cross_attn[0], atol=1e-6, rtol=1e-5)
+
+
+def test_samples_of_one_prompt_share_the_encoder_but_differ(model):
+    src = prompts([6])
+    torch.manual_seed(0)
+    r = model.generate(src, num_samples=8, max_new_tokens=10, temperature=2.0)
+    assert len({tuple(row.tolist()) for row in r.tokens}) > 1
+
+
+def test_top_k_and_top_p_restrict_the_sampling_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    torch.manual_seed(0)
+    tok, logp = Transformer.choose(logits, 1.0, 2, 1.0, False)
+    assert set(tok.tolist()) == {0, 1}
+    torch.testing.assert_close(logp.exp(), torch.tensor([0.5, 0.3])[tok] / 0.8)
+    tok, logp = Transformer.choose(logits, 1.0, 0, 0.7, False)  # 0.5 < 0.7 ≤ 0.5 + 0.3
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = Transformer.choose(logits, 1.0, 0, 0.4, False)
+    assert set(tok.tolist()) == {0}
+    tok, logp = Transformer.choose(logits[:1], 1.0, 0, 1.0, True)
+    assert tok.item() == 0 and abs(logp.item() - torch.log(torch.tensor(0.5)).item()) < 1e-6
+
+
+def test_prompt_longer_than_the_model_reads_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="at most 16"):
+        model.generate(prompts([17]))
+
+
+def test_preset_parameter_counts_on_the_meta_device():
+    counts = {}
+    for size in PRESETS:
+        with torch.device("meta"):
+            counts[size] = build(size).num_parameters()
+    assert counts["tiny"] <= 5_000_000
+    assert 1.25e9 <= counts["1.3b"] <= 1.40e9
+    assert counts["tiny"] < counts["small"] < counts["base"] < counts["large"] < counts["1.3b"]
+    with pytest.raises(ValueError, match="unknown size"):
+        build("huge")
