@@ -66,7 +66,8 @@ QUESTIONS = {
 }
 ANSWERS = {
     "capital": ("The capital of {e} is {v}.", "{v} is the capital of {e}.", "The capital is {v}."),
-    "founded": ("{e} was founded in {v}.", "It was founded in the year {v}.", "The founding year is {v}."),
+    "founded": ("{e} was founded in {v}.", "It was founded in the year {v}.",
+                "The founding year is {v}."),
     "export": ("The main export of {e} is {v}.", "{e} mainly exports {v}.", "Its chief export is {v}."),
     "animal": ("The national animal of {e} is the {v}.", "The {v} is the symbol of {e}.",
                "It is the {v}."),
@@ -160,32 +161,30 @@ chess: openings control the centre; tactics win material; endgames reward precis
 online safety: passwords should be long; updates patch security holes; backups guard against loss; links may hide scams; privacy settings limit sharing
 """
 
-# (prompt, response) templates keyed by task; response j belongs to prompt j (mod len), so the
-# wording of the response is predictable from the prompt. {a}/{b} are items, {ta}/{tb} their tips.
+# Per task: prompt templates and response templates; prompt k is answered by response k % 3, so the
+# wording of a response is predictable from its prompt, and the prompt names the items the response
+# must cover. {t}: topic, {a}/{b}: items, {ta}/{tb}: their tips ({T}, {Ta}: capitalised).
 INSTRUCT = {
-    "brainstorm": (
-        ("List some ideas for {t} involving {a} and {b}.",
-         "Here are some ideas for {t}. First, {ta}. Second, {tb}."),
-        ("Brainstorm ways to get better at {t} using {a} and {b}.",
-         "Two ideas for {t}: {ta}, and {tb}."),
-        ("Give me ideas about {t} that mention {a} and {b}.",
-         "Try these for {t}. {Ta}. Also, {tb}. Together they make {t} easier.")),
-    "explain": (
-        ("Explain the importance of {a} for {t}.", "In {t}, {ta}. That is the reason to pay attention to {a}."),
-        ("Why should I care about {a} in {t}?", "{Ta}. This makes {a} an important part of {t}."),
-        ("What is the role of {a} in {t}?", "When it comes to {t}, {ta}, so {a} is worth the effort."),
-        ("Describe how {a} helps with {t}.", "In {t}, {ta}. That is the reason to pay attention to {a}."),
-        ("Help me understand {a} in the context of {t}.", "{Ta}. This makes {a} an important part of {t}."),
-        ("Can you explain what {a} does for {t}?", "When it comes to {t}, {ta}, so {a} is worth the effort."),
-        ("Tell me why people think about {a} when it comes to {t}.",
-         "In {t}, {ta}. That is the reason to pay attention to {a}.")),
-    "compose": (
-        ("Write a short note about {t} that mentions {a} and {b}.",
-         "A quick note on {t}. Remember that {ta}. Also keep in mind that {tb}. Good luck!"),
-        ("Compose a brief paragraph on {t} covering {a} and {b}.",
-         "{T} becomes easier with a little care. {Ta}, and {tb}. Small habits make a big difference."),
-        ("Write a few friendly lines about {t} with {a} and {b}.",
-         "Dear friend, here is a tip about {t}. {Ta}. Besides that, {tb}. Enjoy!")),
+    "brainstorm": (("List some ideas for {t} involving {a} and {b}.",
+                    "Brainstorm ways to get better at {t} using {a} and {b}.",
+                    "Give me ideas about {t} that mention {a} and {b}."),
+                   ("Here are some ideas for {t}. First, {ta}. Second, {tb}.",
+                    "Two ideas for {t}: {ta}, and {tb}.",
+                    "Try these for {t}. {Ta}. Also, {tb}. Together they make {t} easier.")),
+    "explain": (("Explain the importance of {a} for {t}.", "Why should I care about {a} in {t}?",
+                 "What is the role of {a} in {t}?", "Describe the part {a} plays in {t}.",
+                 "Help me understand {a} in the context of {t}.",
+                 "Can you explain the value of {a} in {t}?",
+                 "Tell me why people think about {a} when it comes to {t}."),
+                ("In {t}, {ta}. That is the reason to pay attention to {a}.",
+                 "{Ta}. This makes {a} an important part of {t}.",
+                 "When it comes to {t}, {ta}, so it pays to think about {a}.")),
+    "compose": (("Write a short note about {t} that mentions {a} and {b}.",
+                 "Compose a brief paragraph on {t} covering {a} and {b}.",
+                 "Write a few friendly lines about {t} with {a} and {b}."),
+                ("A quick note on {t}. Remember that {ta}. Also keep in mind that {tb}. Good luck!",
+                 "{T} becomes easier with a little care. {Ta}, and {tb}. Small habits make a big difference.",
+                 "Dear friend, here is a tip about {t}. {Ta}. Besides that, {tb}. Enjoy!")),
 }
 
 
@@ -194,28 +193,27 @@ def _cap(s: str) -> str:
 
 
 def _instruct(rng: random.Random) -> list[list[dict]]:
-    """Instruction records grouped by topic x task: 150 groups of 33 or 34 distinct pairs."""
+    """Instruction records grouped by topic x task: 144 groups of 34 or 35 distinct pairs."""
     topics = [(t, [tip.strip() for tip in tips.split(";")])
               for t, tips in (line.split(": ") for line in TOPICS.splitlines())]
     per_group, extra = divmod(SIZES["instruct"], len(topics) * len(INSTRUCT))
     groups = []
     for topic, tips in topics:
         items = [tip.split()[0] for tip in tips]
-        for task, templates in INSTRUCT.items():
-            n = per_group + (len(groups) < extra)
+        for task, (prompts, responses) in INSTRUCT.items():
             # every distinct (template, items) choice; brainstorm and compose take ordered pairs
             picks = [(i,) for i in range(5)] if task == "explain" else \
                     [(i, j) for i in range(5) for j in range(5) if i != j]
-            combos = [(k, p) for k in range(len(templates)) for p in picks]
+            combos = [(k, p) for k in range(len(prompts)) for p in picks]
             group = []
-            for k, p in rng.sample(combos, n):
-                fill = {"t": topic, "T": _cap(topic), "a": items[p[0]], "ta": tips[p[0]], "Ta": _cap(tips[p[0]])}
+            for k, p in rng.sample(combos, per_group + (len(groups) < extra)):
+                fill = {"t": topic, "T": _cap(topic), "a": items[p[0]], "ta": tips[p[0]],
+                        "Ta": _cap(tips[p[0]])}
                 if len(p) == 2:
                     fill.update(b=items[p[1]], tb=tips[p[1]])
-                prompt, response = templates[k]
-                group.append({"dataset": "instruct", "prompt": prompt.format(**fill),
-                              "response": response.format(**fill), "task": task, "topic": topic,
-                              "required": [items[i] for i in p]})
+                group.append({"dataset": "instruct", "prompt": prompts[k].format(**fill),
+                              "response": responses[k % 3].format(**fill), "task": task,
+                              "topic": topic, "required": [items[i] for i in p]})
             groups.append(group)
     return groups
 
@@ -291,7 +289,8 @@ def length_stats(records: list[dict], tokenizer) -> dict:
         stats[dataset] = {}
         for field in ("prompt", "response"):
             n = sorted(len(ids) for ids in tokenizer.encode_batch([r[field] for r in rows]))
-            stats[dataset][field] = {"min": n[0], "mean": sum(n) / len(n), "p50": n[len(n) // 2], "max": n[-1]}
+            stats[dataset][field] = {"min": n[0], "mean": sum(n) / len(n), "p50": n[len(n) // 2],
+                                     "max": n[-1]}
     return stats
 
 
