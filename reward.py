@@ -235,12 +235,13 @@ def _check_attention(attn: torch.Tensor, response_mask: torch.Tensor) -> None:
             f"response_mask must be bool [B,T] = {tuple(attn.shape[:2])}, "
             f"got {response_mask.dtype} {tuple(response_mask.shape)}"
         )
-    real = response_mask.unsqueeze(-1).expand_as(attn)  # [B, T, S]
-    if (real & ~(attn >= 0)).any():  # ~(x >= 0) also catches NaN
-        b, t, j = (real & ~(attn >= 0)).nonzero()[0].tolist()
+    lowest = attn.amin(dim=-1)  # [B, T]
+    bad = response_mask & ~(lowest >= 0)  # ~(x >= 0) also catches NaN
+    if bad.any():
+        b, t = bad.nonzero()[0].tolist()
         raise ValueError(
-            f"attn must be non-negative and finite (got {attn[b, t, j].item():.4g} at batch {b}, "
-            f"step {t}, prompt position {j}): pass softmax weights, not raw scores"
+            f"attn must be non-negative and finite (got {lowest[b, t].item():.4g} at batch {b}, step {t}): "
+            "pass softmax weights, not raw scores"
         )
     row_sum = attn.sum(dim=-1)  # [B, T]
     bad = response_mask & ~((row_sum - 1).abs() <= ROW_SUM_TOL)
@@ -280,7 +281,8 @@ def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
 
     `[B, T, S]` → `[B, T]`. Zero-weight (padded) prompt positions add nothing.
     """
-    return -torch.special.xlogy(attn, attn).sum(dim=-1)  # [B, T]
+    tiny = torch.finfo(attn.dtype).tiny  # log(tiny) is finite, so a weight of exactly 0 adds 0·log(tiny) = 0
+    return -(attn * attn.clamp(min=tiny).log()).sum(dim=-1)  # [B, T]
 
 
 def focus(attn: torch.Tensor, response_mask: torch.Tensor, entropy_floor: float = 0.0) -> torch.Tensor:
@@ -311,12 +313,13 @@ def repeat_penalty(response_ids: torch.Tensor, response_mask: torch.Tensor, n: i
     B, T = response_ids.shape
     if T < n:
         return torch.zeros(B, device=response_ids.device)
-    grams = response_ids.unfold(1, n, 1)  # [B, K, n], K = T − n + 1: g_i = y_i … y_{i+n−1}
+    K = T - n + 1  # n-gram g_i = (y_i, …, y_{i+n−1}) for i < K
     real = response_mask.unfold(1, n, 1).all(dim=-1)  # [B, K]
-    same = (grams.unsqueeze(2) == grams.unsqueeze(1)).all(dim=-1)  # [B, K, K]: g_i == g_k
-    same &= real.unsqueeze(1)  # only real earlier n-grams count as occurrences
-    K = grams.shape[1]
-    earlier = torch.ones(K, K, dtype=torch.bool, device=grams.device).tril(-1)  # [K, K]: k < i
+    same = real.unsqueeze(1).expand(B, K, K).clone()  # [B, i, k]: only real n-grams g_k can be matched
+    for offset in range(n):  # g_i == g_k ⇔ equal at every offset (a loop over n, not over B or T)
+        ids = response_ids[:, offset : offset + K]  # [B, K]
+        same &= ids.unsqueeze(2) == ids.unsqueeze(1)
+    earlier = torch.ones(K, K, dtype=torch.bool, device=response_ids.device).tril(-1)  # [K, K]: k < i
     repeated = (same & earlier).any(dim=-1) & real  # [B, K]
     return repeated.sum(dim=-1) / real.sum(dim=-1).clamp(min=1)  # [B]
 
