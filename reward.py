@@ -24,9 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-# --------------------------------------------------------------------------------------------
-# 1. I_x: the important prompt tokens
-# --------------------------------------------------------------------------------------------
+# ─── 1. I_x: the important prompt tokens ──────────────────────────────────────────────────────────
 # §3.2 assumes "a subset of crucial tokens I_x ⊆ {1, …, |x|} [found] by heuristics such as inverse
 # document frequency (IDF) or named entity recognition". Ours works on words, then marks every
 # letter/digit piece of a chosen word:
@@ -35,6 +33,7 @@ import torch
 # Padding, special tokens and pure punctuation pieces are never in I_x.
 
 DEFAULT_TOP_K = 3
+SPECIAL_IDS = (0, 1, 2, 3)  # <pad>, <s>, </s>, <unk>; pass the tokenizer's own ids if they differ
 WORD_START = "\u2581"  # "▁": sentencepiece marks the first piece of a word with it
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte fallback, e.g. "<0x41>"
 
@@ -135,13 +134,9 @@ def _choose_words(
 
 
 def _important_words_per_prompt(
-    prompt_ids: torch.Tensor,
-    idf: dict[str, float],
-    pieces: list[str],
-    special_ids: tuple[int, ...],
-    threshold: float | None,
-    top_k: int | None,
-    pad_id: int,
+    prompt_ids: torch.Tensor, idf: dict[str, float], pieces: list[str],
+    special_ids: tuple[int, ...] = SPECIAL_IDS, threshold: float | None = None, top_k: int | None = None,
+    pad_id: int = 0,
 ) -> list[list[tuple[str, list[int]]]]:
     """Per prompt, the chosen words as (surface text, piece positions); checks the arguments."""
     if prompt_ids.dim() != 2:
@@ -167,7 +162,7 @@ def important_token_mask(
     prompt_ids: torch.Tensor,
     idf: dict[str, float],
     pieces: list[str],
-    special_ids: tuple[int, ...] = (0, 1, 2, 3),
+    special_ids: tuple[int, ...] = SPECIAL_IDS,
     threshold: float | None = None,
     top_k: int | None = None,
     pad_id: int = 0,
@@ -178,31 +173,24 @@ def important_token_mask(
     by IDF with top_k (default 3) or threshold, not both; entities are always chosen.
     """
     mask = torch.zeros(prompt_ids.shape, dtype=torch.bool)  # [B, S]
-    for b, words in enumerate(_important_words_per_prompt(prompt_ids, idf, pieces, special_ids, threshold, top_k, pad_id)):
+    chosen = _important_words_per_prompt(prompt_ids, idf, pieces, special_ids, threshold, top_k, pad_id)
+    for b, words in enumerate(chosen):
         for _, positions in words:
             mask[b, positions] = True
     return mask.to(prompt_ids.device)
 
 
 def important_words(
-    prompt_ids: torch.Tensor,
-    idf: dict[str, float],
-    pieces: list[str],
-    special_ids: tuple[int, ...] = (0, 1, 2, 3),
-    threshold: float | None = None,
-    top_k: int | None = None,
-    pad_id: int = 0,
+    prompt_ids: torch.Tensor, idf: dict[str, float], pieces: list[str], **options
 ) -> list[list[str]]:
-    """The words behind important_token_mask, per prompt and in order, for display ("Zorvania")."""
+    """The words behind important_token_mask (same options), per prompt and in order, for display."""
     return [
         [text.strip(string.punctuation) for text, _ in words]
-        for words in _important_words_per_prompt(prompt_ids, idf, pieces, special_ids, threshold, top_k, pad_id)
+        for words in _important_words_per_prompt(prompt_ids, idf, pieces, **options)
     ]
 
 
-# --------------------------------------------------------------------------------------------
-# 2. Ā: the cross-attention the reward reads
-# --------------------------------------------------------------------------------------------
+# ─── 2. Ā: the cross-attention the reward reads ───────────────────────────────────────────────────
 
 
 def aggregate_layers(attn: torch.Tensor, last: int) -> torch.Tensor:
@@ -219,9 +207,7 @@ def aggregate_layers(attn: torch.Tensor, last: int) -> torch.Tensor:
     return attn[-last:].mean(dim=0)  # [B, T, S]: mean over the last L' layers
 
 
-# --------------------------------------------------------------------------------------------
-# 3. The three terms of R(x, y)
-# --------------------------------------------------------------------------------------------
+# ─── 3. The three terms of R(x, y) ────────────────────────────────────────────────────────────────
 
 ROW_SUM_TOL = 1e-3
 
