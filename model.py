@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 2048
+    vocab_size: int = 1536
     d_model: int = 256
     n_heads: int = 4
     d_ff: int = 768

@@ -1,0 +1,142 @@
+"""The command line and the SFT stage: training lowers the loss, an interrupted run resumes to the
+same numbers, and bad input is one clear line on stderr with a non-zero exit — never a traceback,
+never damage to what is already written."""
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import cagsr
+from data import load_split
+from data.tokenizer import train_tokenizer, training_texts
+from model import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = replace(PRESETS["tiny"], d_model=64, n_heads=2, d_ff=128, n_enc_layers=1, n_dec_layers=2)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "cagsr.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(training_texts(), PRESETS["tiny"].vocab_size, tmp_path_factory.mktemp("tok") / "t.model")
+
+
+@pytest.fixture(scope="module")
+def pairs(tok):
+    records = load_split("qa", "train")[:48] + load_split("instruct", "train")[:16]
+    return cagsr.encode_pairs(tok, records, SMALL.max_len)
+
+
+def test_thirty_sft_steps_lower_the_loss(pairs, tmp_path):
+    cfg = cagsr.SFTConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, eval_every=30, eval_pairs=16)
+    cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], tmp_path, quiet=True)
+    rows = cagsr.Metrics(tmp_path / "metrics.jsonl").read("sft")
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert rows[-1]["val_loss"] < losses[0]
+
+
+def test_interrupted_sft_resumes_to_the_same_numbers(pairs, tmp_path, monkeypatch):
+    cfg = cagsr.SFTConfig(steps=16, batch_size=16, lr=3e-3, warmup=2, eval_every=8, eval_pairs=16)
+    whole = cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], tmp_path / "whole", quiet=True)[0]
+    run = tmp_path / "cut"
+    log = cagsr.Metrics.log
+
+    def crash_at_step_11(self, **row):
+        if row["step"] == 11:
+            raise KeyboardInterrupt
+        log(self, **row)
+
+    monkeypatch.setattr(cagsr.Metrics, "log", crash_at_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], run, quiet=True)
+    monkeypatch.setattr(cagsr.Metrics, "log", log)
+    assert torch.load(run / "sft-last.pt", weights_only=True)["step"] == 8
+    resumed = cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], run, quiet=True)[0]
+    a, b = (cagsr.Metrics(p / "metrics.jsonl").read("sft") for p in (tmp_path / "whole", run))
+    assert [r["step"] for r in b] == list(range(1, 17))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = cagsr.SFTConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    lrs = [cagsr.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real run directory: tokenizer and a 2-step SFT checkpoint, made through the CLI."""
+    run = tmp_path_factory.mktemp("run")
+    for args in (["prepare"], ["sft", "--steps", "2", "--batch-size", "8"]):
+        proc = run_cli(*args, "--out", str(run))
+        assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def test_prepare_prints_length_statistics(run_dir):
+    proc = run_cli("prepare", "--out", str(run_dir))
+    assert proc.returncode == 0 and "qa" in proc.stdout and "p50" in proc.stdout
+
+
+def test_sample_prints_an_answer_and_draws_a_heat_map(run_dir):
+    proc = run_cli("sample", "--prompt", "What is the capital of Pestalia?", "--out", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "attention.png").stat().st_size > 0
+
+
+def test_unknown_size_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("sft", "--size", "huge", "--out", str(tmp_path)), "huge")
+
+
+def test_missing_data_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("prepare", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)),
+                          "nowhere")
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, run_dir):
+    proc = run_cli("eval", "--out", str(run_dir), "--checkpoint", str(tmp_path / "none.pt"))
+    assert_one_line_error(proc, "none.pt", "not found")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_corrupt_checkpoint_and_tokenizer_are_one_line_and_damage_nothing(tmp_path, run_dir):
+    before = {p.name: digest(p) for p in run_dir.iterdir() if p.is_file()}
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_cli("eval", "--out", str(run_dir), "--checkpoint", str(bad)), "corrupt")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.model").write_bytes(b"garbage")
+    assert_one_line_error(run_cli("sft", "--out", str(other)), "tokenizer.model")
+    assert {p.name: digest(p) for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_prompt_longer_than_the_model_reads_is_one_line(run_dir):
+    proc = run_cli("sample", "--prompt", "word " * 200, "--out", str(run_dir))
+    assert_one_line_error(proc, "at most 64")
+    assert json.loads((run_dir / "config.json").read_text())["size"] == "tiny"
