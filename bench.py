@@ -29,7 +29,8 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown")
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": sys.version.split()[0]}
+            "threads": torch.get_num_threads(), "python": sys.version.split()[0],
+            "load_1min": os.getloadavg()[0]}  # other work on the machine skews every number below
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -241,21 +242,23 @@ def main(argv=None):
     parser.add_argument("--size", default="tiny", choices=list(PRESETS))
     parser.add_argument("--only", default="sampling,sft,reward", help="comma-separated: sampling,sft,reward")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--out", default="runs/bench", help="folder of bench.json")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
     if unknown := only - {"sampling", "sft", "reward"}:
         parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}")
-    cfg, results = PRESETS[args.size], {}
+    cfg, results, m = PRESETS[args.size], {}, machine()  # load average before our own runs add to it
     if "sampling" in only:
         results["sampling"] = bench_sampling(cfg, repeats=args.repeats, size=args.size)
     if "sft" in only:
         results["sft"] = bench_sft_step(cfg, repeats=args.repeats)
     if "reward" in only:
         results["reward"] = bench_reward_share(cfg, repeats=args.repeats)
-    m = machine()
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
-          f"preset {args.size}, median of {args.repeats} after one warm-up\n")
+          f"load {m['load_1min']:.1f}, preset {args.size}, median of {args.repeats} after one warm-up\n")
     print(table(results))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     report = {"machine": m, "size": args.size, "repeats": args.repeats, "command": " ".join(sys.argv), **results}
