@@ -22,6 +22,8 @@ import evaluate
 from data import DATA_DIR, DATASETS, SPLITS, DataError, format_stats, length_stats, load_split
 from data.tokenizer import Tokenizer, train_tokenizer, training_texts
 from model import PRESETS, Transformer
+from ppo import AdaptiveKL, PPOConfig, ValueHead, collect_rollout, explained_variance, ppo_update
+from reward import AttentionReward, fit_idf, load_idf, save_idf
 
 # ---- training configuration ------------------------------------------------------------------
 
@@ -181,6 +183,8 @@ def prepare(args) -> Path:
         train_tokenizer(training_texts(args.data), PRESETS[args.size].vocab_size, path)
     tok = Tokenizer(path)
     print(f"tokenizer: {tok.vocab_size} pieces, trained on the training split -> {path}")
+    if not (run / "idf.json").exists():  # I_x of §3.2 needs word IDFs over the training prompts
+        save_idf(fit_idf([r["prompt"] for d in records.values() for r in d["train"]]), run / "idf.json")
     print(format_stats(length_stats([r for d in records.values() for s in d.values() for r in s], tok)))
     return path
 
@@ -202,10 +206,10 @@ def sft(args) -> Path:
     if final.exists() and not args.force:
         print(f"sft: reusing {final}")
         return final
+    check_resume(run / "sft-last.pt", args)
     tok = tokenizer_for(run)
     mcfg = replace(PRESETS[args.size], pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
-    cfg = replace(SFT_PRESETS[args.size], **{k: v for k, v in vars(args).items()
-                                              if k in SFTConfig.__dataclass_fields__ and v is not None})
+    cfg = overrides(SFT_PRESETS[args.size], args)
     train = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "train", args.data)], mcfg.max_len)
     val = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "validation", args.data)], mcfg.max_len)
     val = val[:: max(1, len(val) // cfg.eval_pairs)][: cfg.eval_pairs]
@@ -237,6 +241,7 @@ def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, device="cpu",
     """The training loop. Every `eval_every` steps: validation loss/perplexity, and a resumable
     checkpoint (sft-last.pt: model, optimizer, step, data order RNG) so an interrupted run continues."""
     torch.manual_seed(seed)
+    run.mkdir(parents=True, exist_ok=True)
     model = Transformer(mcfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -283,6 +288,138 @@ def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, device="cpu",
     return model, metrics
 
 
+# ---- stage 3: reinforcement learning with the CAGSR reward (§4, §5) ----------------------------
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    alpha: float = 1.0  # coverage weight (§7.2)
+    beta: float = 0.5  # focus weight
+    gamma: float = 1.0  # repetition-penalty weight
+    entropy_floor: float = 0.0  # §6 guard: attention entropy below this earns no extra focus
+    last_layers: int = 1  # L' of §3.2
+    ngram: int = 2
+    top_k: int = 3  # words of highest IDF per prompt in I_x (entities come on top)
+
+
+# The paper's lr 1e-5 is for a 1.3B model that moves a long way per step; a 4.6M model trained for a few
+# dozen iterations needs a larger step to move at all. See README, "Choosing the tiny RL settings".
+RL_PRESETS = {"tiny": PPOConfig(iterations=40, lr=1e-4, kl_coef=0.05), "small": PPOConfig(lr=3e-5)}
+
+
+def rl(args) -> Path:
+    """PPO on the CAGSR reward, starting from (and KL-anchored to) the SFT checkpoint."""
+    rdir = args.run / args.method
+    final = rdir / "rl.pt"
+    if final.exists() and not args.force:
+        print(f"rl: reusing {final}")
+        return final
+    rdir.mkdir(parents=True, exist_ok=True)
+    check_resume(rdir / "rl-last.pt", args)
+    tok = tokenizer_for(args.run)
+    cfg, rcfg = overrides(RL_PRESETS.get(args.size, PPOConfig()), args), overrides(RewardConfig(), args)
+    policy, reference = (load_model(args.run / "sft.pt", args.device) for _ in range(2))
+    reference.eval().requires_grad_(False)
+    prompts = [tok.encode(r["prompt"]) for d in DATASETS for r in load_split(d, "train", args.data)]
+    (rdir / "config.json").write_text(json.dumps({"ppo": asdict(cfg), "reward": asdict(rcfg)}, indent=2))
+    policy, _, metrics = train_rl(policy, reference, prompts, reward_for(args.run, tok, rcfg), cfg,
+                                  rcfg.last_layers, rdir, args.seed, args.device, args.size)
+    atomic_save(checkpoint(policy, args.size), final)
+    plot_rl(metrics.read("rl"), rdir / "rl_curves.png")
+    print(f"rl: wrote {final} and {rdir / 'rl_curves.png'}")
+    return final
+
+
+def overrides(cfg, args):
+    """cfg with every field that was given on the command line replaced."""
+    given = {k: v for k, v in vars(args).items() if k in cfg.__dataclass_fields__ and v is not None}
+    return replace(cfg, **given)
+
+
+def check_resume(last: Path, args):
+    if last.exists() and not (args.resume or args.force):
+        raise CLIError(f"{last} holds an interrupted run: add --resume to continue it or --force to start over")
+    if last.exists() and args.force:
+        last.unlink()
+
+
+def reward_for(run: Path, tok: Tokenizer, rcfg: RewardConfig) -> AttentionReward:
+    try:
+        idf = load_idf(run / "idf.json")
+    except (OSError, ValueError):
+        raise CLIError(f"{run / 'idf.json'} is missing or corrupt: run `python cagsr.py prepare`")
+    return AttentionReward(idf, tok.pieces, (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id), rcfg.alpha,
+                           rcfg.beta, rcfg.gamma, rcfg.entropy_floor, rcfg.ngram, rcfg.top_k)
+
+
+def train_rl(policy, reference, prompts, reward_fn, cfg: PPOConfig, last_layers: int, rdir: Path, seed=0,
+             device="cpu", size="tiny", quiet=False):
+    """The RL loop: every iteration samples `batch_prompts` training prompts, collects a rollout and
+    runs a PPO update; a resumable checkpoint (policy, value head, optimizer, RNG states, β_KL) every
+    `checkpoint_every` iterations. A NaN or inf stops the run and leaves the last good checkpoint."""
+    torch.manual_seed(seed)
+    rdir.mkdir(parents=True, exist_ok=True)
+    value_head = ValueHead(policy.cfg.d_model).to(device)
+    opt = torch.optim.Adam([*policy.parameters(), *value_head.parameters()], lr=cfg.lr)
+    kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    order = torch.Generator().manual_seed(seed)  # prompt draws and minibatch shuffles
+    metrics, last, start = Metrics(rdir / "metrics.jsonl"), rdir / "rl-last.pt", 0
+    if last.exists():
+        ck = load_checkpoint(last)
+        policy.load_state_dict(ck["model"]), value_head.load_state_dict(ck["value_head"])
+        opt.load_state_dict(ck["optimizer"]), order.set_state(ck["order"]), torch.set_rng_state(ck["rng"])
+        kl_ctl.coef, start = ck["kl_coef"], ck["step"]
+        print(f"rl: resuming from iteration {start} ({last})")
+    metrics.truncate("rl", start)
+    history = metrics.read("rl")
+    bar = tqdm(total=cfg.iterations, initial=start, desc="rl", disable=quiet, dynamic_ncols=True)
+    for it in range(start, cfg.iterations):
+        idx = torch.randperm(len(prompts), generator=order)[: cfg.batch_prompts]
+        src = pad([prompts[i] for i in idx], policy.cfg.pad_id).to(device)
+        batch, terms, kl, times = collect_rollout(policy, value_head, reference, src, reward_fn, cfg,
+                                                  kl_ctl.coef, last_layers)
+        if not torch.isfinite(batch.reward).all():
+            raise CLIError(f"rl: the reward became NaN/inf at iteration {it + 1}; last good checkpoint: {last}")
+        t0 = time.perf_counter()
+        try:
+            stats = ppo_update(policy, value_head, opt, batch, cfg, order)
+        except FloatingPointError as e:
+            raise CLIError(f"rl: {e} at iteration {it + 1}; last good checkpoint: {last}")
+        kl_seq = kl.sum(1).mean().item()  # KL(π ‖ π_ref) per response, k1 estimate
+        row = {"stage": "rl", "step": it + 1, "reward": batch.reward.mean().item(),
+               **{k: v.mean().item() for k, v in terms.items()}, "kl": kl_seq, "kl_coef": kl_ctl.coef,
+               "length": batch.mask.sum(1).float().mean().item(),
+               "explained_var": explained_variance(batch.v_old, batch.returns[:, 0]), **stats,
+               **times, "t_update": time.perf_counter() - t0}
+        kl_ctl.update(kl_seq, len(batch.reward))
+        metrics.log(**row)
+        history.append(row)
+        warn_reward_hacking(history, bar)
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            atomic_save({**checkpoint(policy, size), "value_head": value_head.state_dict(),
+                         "optimizer": opt.state_dict(), "order": order.get_state(), "rng": torch.get_rng_state(),
+                         "kl_coef": kl_ctl.coef, "step": it + 1}, last)
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("reward", "coverage", "focus", "repeat", "kl", "length") if k in row})
+        bar.update()
+    bar.close()
+    return policy, value_head, metrics
+
+
+def warn_reward_hacking(history: list[dict], bar):
+    """§6: say so when responses collapse in length or attention sits below the entropy floor for most
+    steps — once when it starts, not at every iteration."""
+    first = history[0]
+    collapsed = [r["length"] < 0.5 * first["length"] for r in history[-2:]]
+    spiky = [r.get("below_floor", 0) > 0.5 for r in history[-2:]]
+    now = history[-1]
+    if collapsed[-1] and (len(history) == 1 or not collapsed[0]):
+        bar.write(f"warning: mean response length fell from {first['length']:.1f} to {now['length']:.1f} "
+                  f"tokens at iteration {now['step']} — the policy may be gaming the reward (§6)")
+    if spiky[-1] and (len(history) == 1 or not spiky[0]):
+        bar.write(f"warning: attention entropy is below the floor on {now['below_floor']:.0%} of steps at "
+                  f"iteration {now['step']} — spiky-attention reward hacking (§6)")
+
+
 # ---- plots -----------------------------------------------------------------------------------
 
 
@@ -298,6 +435,27 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str):
         if pts:
             ax.plot(*zip(*pts), marker="o" if len(pts) < 50 else None, label=k)
     ax.set_xlabel("step"), ax.set_title(title), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_rl(rows: list[dict], path: Path):
+    """The RL run at a glance: reward and its terms, KL to the reference, response length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    panels = [(["reward", "coverage", "focus", "repeat"], "reward terms"), (["kl"], "KL(π ‖ π_SFT) per response"),
+              (["length"], "response length (tokens)")]
+    steps = [r["step"] for r in rows]
+    for ax, (keys, title) in zip(axes, panels):
+        for k in keys:
+            ax.plot(steps, [r[k] for r in rows], label=k)
+        ax.set_xlabel("iteration"), ax.set_title(title), ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -322,20 +480,31 @@ def plot_attention(attn, prompt_pieces: list[str], response_pieces: list[str], p
 # ---- evaluation and sampling -----------------------------------------------------------------
 
 
-def evaluate_policy(model, tok, data=DATA_DIR, device="cpu") -> dict:
-    """Greedy exact-fact accuracy on the QA test split and test perplexity on both data sets."""
-    qa = load_split("qa", "test", data)
-    answers = greedy_answers(model, tok, [r["prompt"] for r in qa], device=device)
-    result = {"qa_fact_accuracy": evaluate.fact_accuracy(answers, qa)}
+def evaluate_policy(model, tok, reward_fn, last_layers=1, data=DATA_DIR, device="cpu", batch_size=128) -> dict:
+    """On the test splits, from greedy answers: QA exact-fact accuracy; per data set the mean CAGSR
+    reward terms and response length, and the perplexity of the references."""
+    model.eval()
+    result = {}
     for d in DATASETS:
-        result[f"{d}_test_ppl"] = perplexity(model, encode_pairs(tok, load_split(d, "test", data), model.cfg.max_len),
-                                             device=device)
+        records, sums, answers = load_split(d, "test", data), {}, []
+        for i in range(0, len(records), batch_size):
+            src = pad([tok.encode(r["prompt"]) for r in records[i : i + batch_size]], tok.pad_id).to(device)
+            r = model.generate(src, greedy=True, capture_last=last_layers)
+            total, terms = reward_fn(r, src)
+            for k, v in {"reward": total, **terms, "length": r.mask.sum(1).float()}.items():
+                sums[k] = sums.get(k, 0.0) + v.sum().item()
+            answers += [tok.decode(row.tolist()) for row in r.tokens]
+        result.update({f"{d}_{k}": v / len(records) for k, v in sums.items() if k != "below_floor"})
+        result[f"{d}_test_ppl"] = perplexity(model, encode_pairs(tok, records, model.cfg.max_len), device=device)
+        if d == "qa":
+            result["qa_fact_accuracy"] = evaluate.fact_accuracy(answers, records)
     return result
 
 
 def eval_cmd(args) -> dict:
     tok, model = tokenizer_for(args.run), load_model(args.checkpoint or args.run / "sft.pt", args.device)
-    result = evaluate_policy(model, tok, args.data, args.device)
+    rcfg = overrides(RewardConfig(), args)
+    result = evaluate_policy(model, tok, reward_for(args.run, tok, rcfg), rcfg.last_layers, args.data, args.device)
     (args.run / "eval.json").write_text(json.dumps(result, indent=2))
     print(" | ".join(f"{k} {v:.3f}" for k, v in result.items()))
     return result
@@ -348,29 +517,39 @@ def sample_cmd(args):
     if len(ids) > model.cfg.max_len:
         raise CLIError(f"prompt has {len(ids)} tokens; the {args.size} model reads at most {model.cfg.max_len}")
     model.eval()
+    last = args.last_layers or RewardConfig.last_layers
     r = model.generate(torch.tensor([ids], device=args.device), greedy=args.temperature == 0,
-                       temperature=args.temperature or 1.0, capture_last=args.last_layers)
+                       temperature=args.temperature or 1.0, capture_last=last)
     n = int(r.mask[0].sum())
     print(tok.decode(r.tokens[0].tolist()))
     path = args.run / "attention.png"
     plot_attention(r.cross_attn[0, :n].cpu(), [tok.pieces[i] for i in ids],
                    [tok.pieces[i] for i in r.tokens[0, :n].tolist()], path,
-                   f"cross-attention, last {args.last_layers} layer(s), heads averaged")
+                   f"cross-attention, last {last} layer(s), heads averaged")
     print(f"heat map: {path}")
 
 
 def pipeline(args):
     """The default job: every stage in order, each reused when its output already exists."""
     t0 = time.time()
+    args.resume = True  # a rerun of the pipeline continues whatever was interrupted
     prepare(args)
     sft(args)
-    tok, model = tokenizer_for(args.run), load_model(args.run / "sft.pt", args.device)
+    tok, sft_model = tokenizer_for(args.run), load_model(args.run / "sft.pt", args.device)
     qa = load_split("qa", "test", args.data)[:5]
-    for r, answer in zip(qa, greedy_answers(model, tok, [r["prompt"] for r in qa], device=args.device)):
+    for r, answer in zip(qa, greedy_answers(sft_model, tok, [r["prompt"] for r in qa], device=args.device)):
         print(f"\n  prompt:    {r['prompt']}\n  model:     {answer}\n  reference: {r['response']}")
-    result = evaluate_policy(model, tok, args.data, args.device)
-    (args.run / "eval.json").write_text(json.dumps(result, indent=2))
-    print("\nNo-RL (SFT) on the test split: " + " | ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    rl(args)
+    rcfg = overrides(RewardConfig(), args)
+    reward_fn, results = reward_for(args.run, tok, rcfg), {}
+    for name, path in (("sft (No-RL)", args.run / "sft.pt"), (f"rl ({args.method})", args.run / args.method / "rl.pt")):
+        model = load_model(path, args.device)
+        results[name] = evaluate_policy(model, tok, reward_fn, rcfg.last_layers, args.data, args.device)
+    (args.run / "eval.json").write_text(json.dumps(results, indent=2))
+    names = list(results)
+    print(f"\nTest split, greedy answers{'':14}" + "".join(f"{n:>16}" for n in names))
+    for k in results[names[0]]:
+        print(f"  {k:38}" + "".join(f"{results[n][k]:16.4f}" for n in names))
     print(f"done in {time.time() - t0:.0f} s; outputs in {args.run}/")
 
 
@@ -390,6 +569,13 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--data", type=Path, default=DATA_DIR, help="data set directory (default data/)")
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     common.add_argument("--force", action="store_true", help="redo a stage even if its output exists")
+    common.add_argument("--resume", action="store_true", help="continue an interrupted stage from its checkpoint")
+    common.add_argument("--method", choices=["cagsr"], default="cagsr", help="RL reward (default cagsr)")
+    for name, kind, text in (("--alpha", float, "coverage weight α (1.0)"), ("--beta", float, "focus weight β (0.5)"),
+                             ("--gamma", float, "repetition weight γ (1.0)"),
+                             ("--entropy-floor", float, "§6 floor on attention entropy (0 = off)"),
+                             ("--last-layers", int, "L': decoder layers averaged into Ā (1)")):
+        common.add_argument(name, type=kind, help=text)
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[common])
     sub = p.add_subparsers(dest="command")
@@ -402,11 +588,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--checkpoint", type=Path, help="model to use (default <run>/sft.pt)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--last-layers", type=int, default=1, help="L': decoder layers averaged into Ā")
+    r = sub.add_parser("rl", parents=[common], help="PPO from the SFT checkpoint on the chosen reward")
+    for name, kind, text in (("--iterations", int, "RL iterations"), ("--batch-prompts", int, "prompts per iteration"),
+                             ("--samples", int, "N responses per prompt"), ("--lr", float, "Adam learning rate"),
+                             ("--clip-eps", float, "PPO clipping ε"), ("--kl-coef", float, "β_KL to the SFT model"),
+                             ("--kl-target", float, "adapt β_KL towards this KL (0 = fixed)"),
+                             ("--ent-coef", float, "entropy bonus"), ("--epochs", int, "PPO epochs per iteration"),
+                             ("--baseline", str, "value (V_old(x), §4) or group (mean of the other samples)"),
+                             ("--checkpoint-every", int, "iterations between resumable checkpoints")):
+        r.add_argument(name, type=kind, help=text)
     return p
 
 
-COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "eval": eval_cmd, "sample": sample_cmd}
+COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "rl": rl, "eval": eval_cmd, "sample": sample_cmd}
 
 
 def main(argv=None):

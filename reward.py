@@ -359,3 +359,29 @@ def worked_example() -> dict[str, torch.Tensor]:
         "response_ids": torch.tensor([[7, 7, 7]]),  # [1, 3]: bigrams (7,7), (7,7): the second repeats
         "response_mask": torch.tensor([[True, True, True]]),  # [1, 3]
     }
+
+
+# ─── 3. The reward the RL loop calls ──────────────────────────────────────────────────────────────
+
+
+class AttentionReward:
+    """R(x, y) of §3.2 for a whole rollout: I_x of each prompt, then `cagsr_reward` on the Ā that the
+    sampling pass recorded (no second forward pass, no gradient). The ablations of §7.6 set a weight to 0."""
+
+    def __init__(self, idf: dict[str, float], pieces: list[str], special_ids=SPECIAL_IDS, alpha=1.0, beta=0.5,
+                 gamma=1.0, entropy_floor=0.0, n=2, top_k=DEFAULT_TOP_K):
+        self.idf, self.pieces, self.special_ids, self.top_k = idf, pieces, tuple(special_ids), top_k
+        self.weights = {"alpha": alpha, "beta": beta, "gamma": gamma, "entropy_floor": entropy_floor, "n": n}
+
+    def __call__(self, rollout, src: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """rollout: tokens/mask [B·N,T], cross_attn [B·N,T,S]; src [B,S] -> R [B·N] and its terms."""
+        n = rollout.tokens.shape[0] // src.shape[0]
+        important = important_token_mask(src.cpu(), self.idf, self.pieces, special_ids=self.special_ids,
+                                         top_k=self.top_k, pad_id=self.special_ids[0])
+        important = important.to(src.device).repeat_interleave(n, dim=0)  # [B·N,S]
+        r = cagsr_reward(rollout.cross_attn, important, rollout.tokens, rollout.mask, **self.weights)
+        entropy = attention_entropy(rollout.cross_attn)  # [B·N,T]
+        below = (entropy < self.weights["entropy_floor"]).float()  # steps the §6 floor props up
+        return r.total, {"coverage": r.coverage, "focus": r.focus, "repeat": r.repeat,
+                         "attn_entropy": _mean_over_response(entropy, rollout.mask),
+                         "below_floor": _mean_over_response(below, rollout.mask)}
