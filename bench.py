@@ -205,6 +205,35 @@ def bench_reward_share(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
     return {"generate_s": generate_s, "reward_s": reward_s, "share": reward_s / generate_s}
 
 
+# ─── 4. one RL iteration, part by part ────────────────────────────────────────────────────────────
+
+def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, prompt_len=24, repeats=3) -> dict:
+    """Seconds of one CAGSR iteration (ppo.collect_rollout + ppo.update with the tiny preset's PPO
+    settings) split into sampling, reward, reference log-probs and the PPO update; median per part."""
+    import copy
+
+    from ppo import PPOConfig, ValueHead, collect_rollout, ppo_update
+    from reward import AttentionReward
+
+    pieces = ["<pad>", "<s>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(cfg.vocab_size - 4)]
+    reward_fn = AttentionReward({}, pieces)
+    policy = ours_without_eos(cfg)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    head = ValueHead(cfg.d_model)
+    ppo_cfg = PPOConfig(batch_prompts=prompts, samples=samples, max_new_tokens=new_tokens)
+    opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=ppo_cfg.lr)
+    src, gen = random_ids(prompts, prompt_len, cfg, seed=6), torch.Generator().manual_seed(0)
+    parts = []
+    for _ in range(repeats + 1):  # the first is the warm-up
+        batch, _, _, times = collect_rollout(policy, head, reference, src, reward_fn, ppo_cfg, 0.05, 1)
+        start = time.perf_counter()
+        ppo_update(policy, head, opt, batch, ppo_cfg, gen)
+        parts.append({**times, "t_update": time.perf_counter() - start})
+    result = {k: statistics.median(p[k] for p in parts[1:]) for k in parts[0]}
+    result["total_s"] = sum(result.values())
+    return result
+
+
 # ─── the report ───────────────────────────────────────────────────────────────────────────────────
 
 def table(results: dict) -> str:
@@ -230,6 +259,10 @@ def table(results: dict) -> str:
         hf, lo = s.get("hf_tok_s"), TARGETS["sft"]
         lines.append(row("SFT step (tok/s)", f"{s['ours_tok_s']:.0f}", f"{hf:.0f}" if hf else "–",
                          f"{s['ratio']:.2f}×" if hf else "–", f"≥ {lo:g}×", yes(s["ratio"] >= lo) if hf else "–"))
+    if s := results.get("rl"):
+        lines.append(row(f"one RL iteration ({s['total_s']:.2f} s): sample / reward / reference / update",
+                         " / ".join(f"{s[k]:.2f} s" for k in ("t_sample", "t_reward", "t_reference", "t_update")),
+                         "", "", "", ""))
     if s := results.get("reward"):
         hi = TARGETS["reward_share"]
         lines.append(row(f"reward / generate ({s['reward_s'] * 1e3:.1f} ms / {s['generate_s'] * 1e3:.0f} ms)",
@@ -240,7 +273,7 @@ def table(results: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="tiny", choices=list(PRESETS))
-    parser.add_argument("--only", default="sampling,sft,reward", help="comma-separated: sampling,sft,reward")
+    parser.add_argument("--only", default="sampling,sft,reward,rl", help="comma-separated: sampling,sft,reward,rl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--out", default="runs/bench", help="folder of bench.json")
@@ -248,7 +281,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
-    if unknown := only - {"sampling", "sft", "reward"}:
+    if unknown := only - {"sampling", "sft", "reward", "rl"}:
         parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}")
     cfg, results, m = PRESETS[args.size], {}, machine()  # load average before our own runs add to it
     if "sampling" in only:
@@ -257,6 +290,8 @@ def main(argv=None):
         results["sft"] = bench_sft_step(cfg, repeats=args.repeats)
     if "reward" in only:
         results["reward"] = bench_reward_share(cfg, repeats=args.repeats)
+    if "rl" in only:
+        results["rl"] = bench_rl_iteration(cfg, repeats=args.repeats)
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
           f"load {m['load_1min']:.1f}, preset {args.size}, median of {args.repeats} after one warm-up\n")
     print(table(results))

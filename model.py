@@ -293,7 +293,11 @@ class Transformer(nn.Module):
             drop = torch.zeros_like(before, dtype=torch.bool).scatter(1, order, before >= top_p)
             logits = logits.masked_fill(drop, float("-inf"))
         logp = logits.log_softmax(dim=-1)
-        tok = torch.multinomial(logp.exp(), 1)[:, 0]
+        # Inverse-CDF sampling: one uniform number per row. torch.multinomial draws one per vocabulary
+        # entry and was a fifth of the sampling time (bench.py). right=True never picks a p = 0 token.
+        cdf = logp.exp().cumsum(dim=-1)  # [B,V]
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
         return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
