@@ -148,13 +148,13 @@ def relevance_pairs(records: list[dict], rng: random.Random) -> list[tuple[str, 
     wording matches and only the subject differs; the others are drawn from all records. Negatives
     are references of the same records, so each text is embedded once.
     """
-    group = lambda r: r.get("category", r.get("task"))  # noqa: E731
+    group = "category" if "fact" in records[0] else "task"
     by_group: dict[str, list[dict]] = {}
     for r in records:
-        by_group.setdefault(group(r), []).append(r)
+        by_group.setdefault(r[group], []).append(r)
     pairs = []
     for r in records:
-        pool = by_group[group(r)] if rng.random() < 0.5 else records
+        pool = by_group[r[group]] if rng.random() < 0.5 else records
         for _ in range(100):  # off-topic items are the large majority: a few draws find one
             other = rng.choice(pool)
             if off_topic(r, other):
@@ -194,7 +194,6 @@ class RelevanceJudge:
         Returns (judge, accuracy on pairs from `n_val` validation items of each data set).
         """
         rng = random.Random(seed)
-        torch.manual_seed(seed)
         split_pairs = {}
         for split, n in (("train", n_train), ("validation", n_val)):
             split_pairs[split] = []
@@ -206,12 +205,15 @@ class RelevanceJudge:
         x = pair_features(encoder.encode([p for p, _, _ in train]), encoder.encode([r for _, r, _ in train]))
         y = torch.tensor([float(t) for _, _, t in train])
         head = torch.nn.Linear(x.shape[1], 1)
-        # A convex problem on a few thousand rows: full-batch L-BFGS converges in seconds.
+        torch.nn.init.zeros_(head.weight)  # the problem is convex: start anywhere, so start at 0
+        torch.nn.init.zeros_(head.bias)
+        # A few thousand rows: full-batch L-BFGS converges in seconds.
         opt = torch.optim.LBFGS(head.parameters(), max_iter=500, history_size=20, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(head(x).squeeze(-1), y) + weight_decay * head.weight.square().sum()
+            loss = F.binary_cross_entropy_with_logits(head(x).squeeze(-1), y)  # [N] logits vs labels
+            loss = loss + weight_decay * head.weight.square().sum()
             loss.backward()
             return loss
 
@@ -239,7 +241,8 @@ class RelevanceJudge:
             state = torch.load(path, map_location="cpu", weights_only=True)
             weight, bias = state["weight"], state["bias"]
             ok = (weight.shape == (1, 4 * EMBED_DIM) and bias.shape == (1,)
-                  and state["encoder_sha256"] == MINILM_SHA256 and bool(torch.isfinite(weight).all()))
+                  and state["encoder_sha256"] == MINILM_SHA256
+                  and bool(torch.isfinite(weight).all() and torch.isfinite(bias).all()))
         except Exception as e:  # unpickling errors have many types; all mean the same thing here
             raise JudgeError(f"relevance judge {path} is corrupt ({type(e).__name__}): retrain it") from None
         if not ok:
@@ -289,6 +292,7 @@ def rouge_l(candidate: str, reference: str) -> float:
 MIN_WORDS = 3  # every reference has at least 4 words
 MAX_LENGTH_RATIO = 3  # references of one data set differ in length by at most 2.4×
 MAX_REPEAT_SHARE = 0.3  # the most repetitive reference repeats 15 % of its word bigrams
+MAX_PROMPT_ROUGE = 0.85  # no reference overlaps its prompt above 0.77: more is an echo of the prompt
 
 
 def repeat_share(words: list[str], n: int = 2) -> float:
@@ -302,11 +306,12 @@ def repeat_share(words: list[str], n: int = 2) -> float:
     return repeats / len(grams) if grams else 0.0
 
 
-def degenerate(response: str, reference: str) -> bool:
-    """Under MIN_WORDS words (empty included), over MAX_LENGTH_RATIO× the reference's words, or repetitive."""
+def degenerate(response: str, record: dict) -> bool:
+    """Under MIN_WORDS words (empty included), over MAX_LENGTH_RATIO× the reference's words, repetitive,
+    or an echo of the prompt (which would name every required item without answering)."""
     words = rouge_tokens(response)
-    return (len(words) < MIN_WORDS or len(words) > MAX_LENGTH_RATIO * len(rouge_tokens(reference))
-            or repeat_share(words) > MAX_REPEAT_SHARE)
+    return (len(words) < MIN_WORDS or len(words) > MAX_LENGTH_RATIO * len(rouge_tokens(record["response"]))
+            or repeat_share(words) > MAX_REPEAT_SHARE or rouge_l(response, record["prompt"]) > MAX_PROMPT_ROUGE)
 
 
 def complete_sentence(response: str) -> bool:
@@ -334,7 +339,7 @@ def oracle_score_simulated(response: str, record: dict, data_root: Path = DATA_D
                 +3 × share of the required items mentioned, if on topic; +1 names the topic → 1 … 5
     Mentions are whole words, ignoring case (`states_fact`).
     """
-    if degenerate(response, record["response"]):
+    if degenerate(response, record):
         return 1.0
     qa = "fact" in record
     subject = record["entity" if qa else "topic"].lower()
@@ -349,7 +354,7 @@ def oracle_score_simulated(response: str, record: dict, data_root: Path = DATA_D
     return 1.0 + 3 * items * on_topic + names_subject
 
 
-oracle_score = oracle_score_simulated
+oracle_score = oracle_score_simulated  # the short name the Table-1 code uses; the metric is "oracle"
 
 
 # ---- 5. reward-hacking indicators ------------------------------------------------------------------

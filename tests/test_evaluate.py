@@ -107,6 +107,7 @@ INSTRUCT = {"prompt": "Give me ideas about gardening that mention pruning and wa
     (QA, "", 1),                                         # empty
     (QA, "Ronronholm.", 1),                              # too short (< 3 words)
     (QA, "The capital of Pestalia is Ronronholm. The capital of Pestalia is Ronronholm.", 1),  # repeats
+    (QA, "What is the capital of Pestalia?", 1),        # echoes the prompt
     (QA, "Ronronholm " * 20, 1),                         # too long and repetitive
     (QA, "The capital of Pestalia is Ronronholm, " + "a city of bridges and towers, " * 3, 1),  # too long
     (INSTRUCT, INSTRUCT["response"], 5),
@@ -116,6 +117,7 @@ INSTRUCT = {"prompt": "Give me ideas about gardening that mention pruning and wa
     (INSTRUCT, "Chess openings reward careful study and patience.", 1),  # off topic
     (INSTRUCT, "In cooking, watering the herbs early saves water.", 1),  # another topic: items don't count
     (INSTRUCT, "gardening gardening gardening gardening gardening", 1),  # repetitive
+    (INSTRUCT, "Ideas about gardening that mention pruning and watering.", 1),  # echoes the prompt
 ])
 def test_oracle_rubric(record, answer, score):
     assert oracle_score(answer, record) == score
@@ -248,7 +250,8 @@ def test_saved_judge_loads_and_scores_the_same(trained):
     path, judge, _ = trained
     prompts, responses = ["What is the capital of Pestalia?"] * 2, ["The capital is Ronronholm.", "Tea is calm."]
     # Equal up to float rounding: a fresh encoder pads these texts in other batches.
-    assert RelevanceJudge.load(path).score(prompts, responses) == pytest.approx(judge.score(prompts, responses), abs=1e-6)
+    reloaded = RelevanceJudge.load(path).score(prompts, responses)
+    assert reloaded == pytest.approx(judge.score(prompts, responses), abs=1e-6)
     assert judge.score([], []) == []
     with pytest.raises(ValueError):
         judge.score(prompts, responses[:1])
