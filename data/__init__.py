@@ -2,7 +2,7 @@
 import importlib
 
 _EXPORTS = {
-    "synth": ("DATA_DIR", "DATASETS", "SPLITS", "QA_QUESTION_TOKENS", "QA_ANSWER_TOKENS",
+    "synth": ("DATA_DIR", "DATASETS", "SPLITS", "QA_QUESTION_TOKENS", "QA_ANSWER_TOKENS", "QA_PROMPT_TOKENS",
               "INSTRUCT_PROMPT_TOKENS", "INSTRUCT_RESPONSE_TOKENS", "DataError", "generate",
               "write_all", "load_split", "length_stats", "format_stats"),
     "tokenizer": ("TINY_VOCAB", "Tokenizer", "train_tokenizer", "training_texts"),

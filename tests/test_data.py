@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from data import (DATA_DIR, DATASETS, INSTRUCT_PROMPT_TOKENS, INSTRUCT_RESPONSE_TOKENS,
-                  QA_ANSWER_TOKENS, QA_QUESTION_TOKENS, SPLITS, TINY_VOCAB, DataError, Tokenizer,
+                  QA_ANSWER_TOKENS, QA_PROMPT_TOKENS, QA_QUESTION_TOKENS, SPLITS, TINY_VOCAB, DataError, Tokenizer,
                   generate, length_stats, format_stats, load_split, train_tokenizer, training_texts,
                   write_all)
 
@@ -94,7 +94,8 @@ def test_no_train_test_duplicates(records):
 
 def test_lengths_lie_in_the_papers_ranges(records, tokenizer):
     stats = length_stats(records["qa"] + records["instruct"], tokenizer)
-    bounds = {("qa", "prompt"): QA_QUESTION_TOKENS, ("qa", "response"): QA_ANSWER_TOKENS,
+    bounds = {("qa", "question"): QA_QUESTION_TOKENS, ("qa", "response"): QA_ANSWER_TOKENS,
+              ("qa", "prompt"): QA_PROMPT_TOKENS,
               ("instruct", "prompt"): INSTRUCT_PROMPT_TOKENS,
               ("instruct", "response"): INSTRUCT_RESPONSE_TOKENS}
     for (d, field), (lo, hi) in bounds.items():
@@ -102,7 +103,7 @@ def test_lengths_lie_in_the_papers_ranges(records, tokenizer):
         assert lo <= s["min"] <= s["p50"] <= s["max"] <= hi, (d, field, s)
         assert s["min"] <= s["mean"] <= s["max"]
     table = format_stats(stats)
-    assert len(table.splitlines()) == 5 and len({len(line) for line in table.splitlines()}) == 1
+    assert len(table.splitlines()) == 6 and len({len(line) for line in table.splitlines()}) == 1
 
 
 def test_tokenizer_training_is_byte_identical(tokenizer, tmp_path):
