@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,7 +24,9 @@ from data import DATA_DIR, DATASETS, SPLITS, DataError, format_stats, length_sta
 from data.tokenizer import Tokenizer, train_tokenizer, training_texts
 from model import PRESETS, Transformer
 from ppo import AdaptiveKL, PPOConfig, ValueHead, collect_rollout, explained_variance, ppo_update
-from reward import AttentionReward, fit_idf, load_idf, save_idf
+from reward import (AttentionReward, LearnedReward, PreferenceRewardModel, SumReward, fit_idf, human_preference_pairs,
+                    load_idf, load_reward_model, save_idf, save_reward_model, synthetic_labels,
+                    train_bradley_terry_rm, train_classifier_rm)
 
 # ---- training configuration ------------------------------------------------------------------
 
@@ -61,6 +64,12 @@ def atomic_save(obj, path: Path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -102,9 +111,7 @@ class Metrics:
     def truncate(self, stage: str, after_step: int):
         """Forget rows of `stage` logged after `after_step`: a resumed run logs them again."""
         keep = [r for r in self.read() if r["stage"] != stage or r["step"] <= after_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # ---- data → tensors -------------------------------------------------------------------------
@@ -161,12 +168,13 @@ def perplexity(model, pairs, batch_size=128, device="cpu") -> float:
 
 
 @torch.no_grad()
-def greedy_answers(model, tok, prompts: list[str], batch_size=128, device="cpu") -> list[str]:
+def answers(model, tok, prompts: list[str], greedy=True, batch_size=128, device="cpu") -> list[str]:
+    """One decoded response per prompt: greedy, or sampled at temperature 1."""
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
         src = pad([tok.encode(p) for p in prompts[i : i + batch_size]], tok.pad_id).to(device)
-        out += [tok.decode(row.tolist()) for row in model.generate(src, greedy=True, capture_last=0).tokens]
+        out += [tok.decode(row.tolist()) for row in model.generate(src, greedy=greedy, capture_last=0).tokens]
     return out
 
 
@@ -308,8 +316,12 @@ RL_PRESETS = {"tiny": PPOConfig(iterations=40, lr=1e-4, kl_coef=0.05), "small": 
 
 
 def rl(args) -> Path:
-    """PPO on the CAGSR reward, starting from (and KL-anchored to) the SFT checkpoint."""
-    rdir = args.run / args.method
+    """PPO on the chosen reward, starting from (and KL-anchored to) the SFT checkpoint."""
+    return train_policy(args, args.method, args.seed, args.run / args.method)
+
+
+def train_policy(args, method: str, seed: int, rdir: Path) -> Path:
+    """One RL run of `method` into rdir: config.json, metrics.jsonl, rl_curves.png and rl.pt."""
     final = rdir / "rl.pt"
     if final.exists() and not args.force:
         print(f"rl: reusing {final}")
@@ -321,9 +333,11 @@ def rl(args) -> Path:
     policy, reference = (load_model(args.run / "sft.pt", args.device) for _ in range(2))
     reference.eval().requires_grad_(False)
     prompts = [tok.encode(r["prompt"]) for d in DATASETS for r in load_split(d, "train", args.data)]
-    (rdir / "config.json").write_text(json.dumps({"ppo": asdict(cfg), "reward": asdict(rcfg)}, indent=2))
-    policy, _, metrics = train_rl(policy, reference, prompts, reward_for(args.run, tok, rcfg), cfg,
-                                  rcfg.last_layers, rdir, args.seed, args.device, args.size)
+    (rdir / "config.json").write_text(json.dumps({"method": method, "seed": seed, "ppo": asdict(cfg),
+                                                  "reward": asdict(rcfg)}, indent=2))
+    print(f"rl: {method}, seed {seed}, {cfg.iterations} iterations of {cfg.batch_prompts} prompts × {cfg.samples}")
+    policy, _, metrics = train_rl(policy, reference, prompts, reward_for_method(method, args, tok, rcfg), cfg,
+                                  rcfg.last_layers, rdir, seed, args.device, args.size)
     atomic_save(checkpoint(policy, args.size), final)
     plot_rl(metrics.read("rl"), rdir / "rl_curves.png")
     print(f"rl: wrote {final} and {rdir / 'rl_curves.png'}")
@@ -344,12 +358,68 @@ def check_resume(last: Path, args):
 
 
 def reward_for(run: Path, tok: Tokenizer, rcfg: RewardConfig) -> AttentionReward:
+    """The CAGSR reward of §3.2 with the run's IDF table."""
     try:
         idf = load_idf(run / "idf.json")
     except (OSError, ValueError):
         raise CLIError(f"{run / 'idf.json'} is missing or corrupt: run `python cagsr.py prepare`")
     return AttentionReward(idf, tok.pieces, (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id), rcfg.alpha,
                            rcfg.beta, rcfg.gamma, rcfg.entropy_floor, rcfg.ngram, rcfg.top_k)
+
+
+ABLATIONS = {"cagsr-no-coverage": {"alpha": 0.0}, "cagsr-no-focus": {"beta": 0.0}, "cagsr-no-repeat": {"gamma": 0.0}}
+HYBRID_WEIGHT = 1.0  # R = R_CAGSR + 1.0 · R_human-pref (the learned reward is normalised on references)
+
+
+def reward_for_method(method: str, args, tok: Tokenizer, rcfg: RewardConfig):
+    """The reward each method of §7.3/§7.6 optimises (the hybrid is §6/§9's future work)."""
+    if method == "cagsr" or method in ABLATIONS:
+        return reward_for(args.run, tok, replace(rcfg, **ABLATIONS.get(method, {})))
+    if method == "synthetic-pref":
+        return learned_reward("synthetic", args, tok)
+    if method == "human-pref":
+        return learned_reward("human", args, tok)
+    if method == "hybrid":
+        return SumReward(reward_for(args.run, tok, rcfg), learned_reward("human", args, tok), HYBRID_WEIGHT)
+    raise CLIError(f"unknown method {method!r}; choose one of {', '.join(evaluate.METHODS[1:])}")
+
+
+def learned_reward(kind: str, args, tok: Tokenizer) -> LearnedReward:
+    """A §7.3 reward model (trained on first use), normalised on 256 training references."""
+    path = train_reward_model(kind, args, tok)
+    sft_model = load_model(args.run / "sft.pt", args.device)
+    rm = load_reward_model(path, lambda: Transformer(sft_model.cfg)).to(args.device).eval()
+    refs = [(r["prompt"], r["response"]) for d in DATASETS for r in load_split(d, "train", args.data)[:128]]
+    return LearnedReward(rm, tok, refs)
+
+
+def train_reward_model(kind: str, args, tok: Tokenizer, steps=150) -> Path:
+    """§7.3 baselines' reward models from SFT samples, once per run directory.
+    synthetic: good = references and SFT samples that pass automatic checks, bad = corruptions;
+    human: 1,000 training prompts × 2 SFT samples, preferred by the simulated oracle, 15 % flipped (§2.2)."""
+    path = args.run / f"rm-{kind}.pt"
+    if path.exists():
+        return path
+    sft_model, rng = load_model(args.run / "sft.pt", args.device), random.Random(args.seed)
+    rm = PreferenceRewardModel(sft_model)
+    if kind == "synthetic":
+        examples = []
+        for d in DATASETS:
+            records = rng.sample(load_split(d, "train", args.data), 300)
+            samples = answers(sft_model, tok, [r["prompt"] for r in records], greedy=False, device=args.device)
+            examples += synthetic_labels(records, samples, rng)
+        losses = train_classifier_rm(rm, tok, examples, steps=steps, lr=3e-4, seed=args.seed)
+        size = f"{len(examples)} labelled responses"
+    else:
+        records = rng.sample([r for d in DATASETS for r in load_split(d, "train", args.data)], 1000)
+        a, b = (answers(sft_model, tok, [r["prompt"] for r in records], greedy=False, device=args.device)
+                for _ in range(2))
+        pairs = human_preference_pairs(records, a, b, flip=0.15, rng=rng)
+        losses = train_bradley_terry_rm(rm, tok, pairs, steps=steps, lr=3e-4, seed=args.seed)
+        size = f"{len(pairs)} preference pairs (ties dropped)"
+    save_reward_model(rm, path)
+    print(f"reward model {kind}: {size}, loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}; {path}")
+    return path
 
 
 def train_rl(policy, reference, prompts, reward_fn, cfg: PPOConfig, last_layers: int, rdir: Path, seed=0,
@@ -420,6 +490,76 @@ def warn_reward_hacking(history: list[dict], bar):
                   f"iteration {now['step']} — spiky-attention reward hacking (§6)")
 
 
+# ---- stage 4: the paper's comparison — Table 1 and the ablations (§7.3–7.6) ------------------
+
+
+def table1(args):
+    """Every method with the same RL budget and seeds, scored by judges no policy trained against;
+    finished runs are reused. Writes results.json, results.md and results.png under <run>/table1/."""
+    t0, out = time.time(), args.run / "table1"
+    methods = args.methods.split(",") if args.methods else list(evaluate.METHODS)
+    if unknown := [m for m in methods if m not in evaluate.METHODS]:
+        raise CLIError(f"unknown method {unknown[0]!r}; choose from {', '.join(evaluate.METHODS)}")
+    if not args.report_only:
+        args.resume = True
+        prepare(args)
+        sft(args)
+        judge = relevance_judge(args)
+        for seed in range(args.seeds):
+            for method in methods:
+                score_method(args, method, seed, judge)
+    per_seed = {}
+    for method in methods:
+        for seed in range(args.seeds):
+            path = out / f"{method}-seed{seed}" / "scores.json"
+            if path.exists():
+                for d, scores in json.loads(path.read_text()).items():
+                    per_seed.setdefault(d, {}).setdefault(method, []).append(scores)
+    if not per_seed:
+        raise CLIError(f"no finished Table-1 runs under {out}: run `python cagsr.py table1` first")
+    results = evaluate.aggregate(per_seed)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(evaluate.table1_markdown(results))
+    evaluate.plot_table1(results, out / "results.png")
+    print(evaluate.table1_markdown(results))
+    print(f"table1: {len(methods)} methods × {args.seeds} seeds in {time.time() - t0:.0f} s -> {out}/results.md")
+
+
+def relevance_judge(args) -> "evaluate.RelevanceJudge":
+    path = args.run / "judge.pt"
+    if path.exists():
+        return evaluate.RelevanceJudge.load(path)
+    judge, accuracy = evaluate.RelevanceJudge.train(path, args.data, seed=args.seed)
+    print(f"relevance judge: validation accuracy {accuracy:.2%} -> {path}")
+    return judge
+
+
+def score_method(args, method: str, seed: int, judge):
+    """Train (unless no-rl) and score one method and seed on the first --eval-prompts test prompts of
+    each data set; the scores go to <run>/table1/<method>-seed<seed>/scores.json."""
+    rdir = args.run / "table1" / f"{method}-seed{seed}"
+    if (rdir / "scores.json").exists():
+        return
+    rdir.mkdir(parents=True, exist_ok=True)
+    no_rl_scores = args.run / "table1" / "no-rl-seed0" / "scores.json"
+    if method == "no-rl" and seed > 0 and no_rl_scores.exists():  # greedy answers of one SFT model
+        return atomic_write_text(rdir / "scores.json", no_rl_scores.read_text())
+    tok, rcfg = tokenizer_for(args.run), overrides(RewardConfig(), args)
+    path = args.run / "sft.pt" if method == "no-rl" else train_policy(args, method, seed, rdir)
+    model = load_model(path, args.device)
+    scores = {}
+    for d in DATASETS:
+        records = load_split(d, "test", args.data)[: args.eval_prompts]
+        texts, terms = answer_and_reward(model, tok, records, reward_for(args.run, tok, rcfg), rcfg.last_layers,
+                                         args.device)
+        scores[d] = evaluate.score_responses(records, texts, judge, terms["reward"], terms["attn_entropy"], args.data)
+        scores[d]["self_reward"] = sum(terms["reward"]) / len(records)
+        scores[d]["perplexity"] = perplexity(model, encode_pairs(tok, records, model.cfg.max_len), device=args.device)
+    atomic_write_text(rdir / "scores.json", json.dumps(scores, indent=2))
+    print(f"table1: {method} seed {seed}: " + ", ".join(f"{d} relevance {s['relevance']:.3f} oracle "
+                                                        f"{s['oracle']:.2f}" for d, s in scores.items()))
+
+
 # ---- plots -----------------------------------------------------------------------------------
 
 
@@ -480,24 +620,33 @@ def plot_attention(attn, prompt_pieces: list[str], response_pieces: list[str], p
 # ---- evaluation and sampling -----------------------------------------------------------------
 
 
-def evaluate_policy(model, tok, reward_fn, last_layers=1, data=DATA_DIR, device="cpu", batch_size=128) -> dict:
+@torch.no_grad()
+def answer_and_reward(model, tok, records, reward_fn, last_layers=1, device="cpu", batch_size=128):
+    """Greedy answers to the records' prompts and, per answer, the CAGSR reward terms of its Ā:
+    (answers, {"reward": [...], "coverage": [...], ..., "length": [...]})."""
+    model.eval()
+    texts, terms = [], {}
+    for i in range(0, len(records), batch_size):
+        src = pad([tok.encode(r["prompt"]) for r in records[i : i + batch_size]], tok.pad_id).to(device)
+        r = model.generate(src, greedy=True, capture_last=last_layers)
+        total, parts = reward_fn(r, src)
+        for k, v in {"reward": total, **parts, "length": r.mask.sum(1).float()}.items():
+            terms.setdefault(k, []).extend(v.tolist())
+        texts += [tok.decode(row.tolist()) for row in r.tokens]
+    return texts, terms
+
+
+def evaluate_policy(model, tok, reward_fn, last_layers=1, data=DATA_DIR, device="cpu") -> dict:
     """On the test splits, from greedy answers: QA exact-fact accuracy; per data set the mean CAGSR
     reward terms and response length, and the perplexity of the references."""
-    model.eval()
     result = {}
     for d in DATASETS:
-        records, sums, answers = load_split(d, "test", data), {}, []
-        for i in range(0, len(records), batch_size):
-            src = pad([tok.encode(r["prompt"]) for r in records[i : i + batch_size]], tok.pad_id).to(device)
-            r = model.generate(src, greedy=True, capture_last=last_layers)
-            total, terms = reward_fn(r, src)
-            for k, v in {"reward": total, **terms, "length": r.mask.sum(1).float()}.items():
-                sums[k] = sums.get(k, 0.0) + v.sum().item()
-            answers += [tok.decode(row.tolist()) for row in r.tokens]
-        result.update({f"{d}_{k}": v / len(records) for k, v in sums.items() if k != "below_floor"})
+        records = load_split(d, "test", data)
+        texts, terms = answer_and_reward(model, tok, records, reward_fn, last_layers, device)
+        result.update({f"{d}_{k}": sum(v) / len(v) for k, v in terms.items() if k != "below_floor"})
         result[f"{d}_test_ppl"] = perplexity(model, encode_pairs(tok, records, model.cfg.max_len), device=device)
         if d == "qa":
-            result["qa_fact_accuracy"] = evaluate.fact_accuracy(answers, records)
+            result["qa_fact_accuracy"] = evaluate.fact_accuracy(texts, records)
     return result
 
 
@@ -537,7 +686,7 @@ def pipeline(args):
     sft(args)
     tok, sft_model = tokenizer_for(args.run), load_model(args.run / "sft.pt", args.device)
     qa = load_split("qa", "test", args.data)[:5]
-    for r, answer in zip(qa, greedy_answers(sft_model, tok, [r["prompt"] for r in qa], device=args.device)):
+    for r, answer in zip(qa, answers(sft_model, tok, [r["prompt"] for r in qa], device=args.device)):
         print(f"\n  prompt:    {r['prompt']}\n  model:     {answer}\n  reference: {r['response']}")
     rl(args)
     rcfg = overrides(RewardConfig(), args)
@@ -570,7 +719,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     common.add_argument("--force", action="store_true", help="redo a stage even if its output exists")
     common.add_argument("--resume", action="store_true", help="continue an interrupted stage from its checkpoint")
-    common.add_argument("--method", choices=["cagsr"], default="cagsr", help="RL reward (default cagsr)")
+    common.add_argument("--method", choices=evaluate.METHODS[1:], default="cagsr", help="RL reward (default cagsr)")
     for name, kind, text in (("--alpha", float, "coverage weight α (1.0)"), ("--beta", float, "focus weight β (0.5)"),
                              ("--gamma", float, "repetition weight γ (1.0)"),
                              ("--entropy-floor", float, "§6 floor on attention entropy (0 = off)"),
@@ -597,10 +746,17 @@ def parser() -> argparse.ArgumentParser:
                              ("--baseline", str, "value (V_old(x), §4) or group (mean of the other samples)"),
                              ("--checkpoint-every", int, "iterations between resumable checkpoints")):
         r.add_argument(name, type=kind, help=text)
+    t = sub.add_parser("table1", parents=[common], help="Table 1 and the ablations: every method, several seeds")
+    t.add_argument("--seeds", type=int, default=3, help="RL seeds per method (default 3)")
+    t.add_argument("--methods", help=f"comma-separated subset of {','.join(evaluate.METHODS)}")
+    t.add_argument("--iterations", type=int, help="RL iterations per run (default: the preset's)")
+    t.add_argument("--eval-prompts", type=int, default=300, help="test prompts scored per data set (300, as §7.4)")
+    t.add_argument("--report-only", action="store_true", help="only assemble the finished runs' scores")
     return p
 
 
-COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "rl": rl, "eval": eval_cmd, "sample": sample_cmd}
+COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "rl": rl, "eval": eval_cmd, "sample": sample_cmd,
+            "table1": table1}
 
 
 def main(argv=None):

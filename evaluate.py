@@ -418,4 +418,95 @@ def score_responses(records: list[dict], responses: list[str], judge: RelevanceJ
     }
     if "fact" in records[0]:
         result["fact_accuracy"] = fact_accuracy(responses, records)
+    if rewards is not None:  # does the self-reward agree with the judge the policy never trained on?
+        result["reward_relevance_pearson"] = pearson(rewards, relevance)
     return result | indicators(responses, rewards, oracle, attention_entropy)
+
+
+# ---- 7. Table 1: methods × seeds -> mean ± std, beside the paper's numbers ----------------------
+
+METHODS = ("no-rl", "synthetic-pref", "cagsr", "human-pref", "cagsr-no-coverage", "cagsr-no-focus",
+           "cagsr-no-repeat", "hybrid")
+TABLE1_METHODS, ABLATION_METHODS = METHODS[:4] + ("hybrid",), ("cagsr",) + METHODS[4:7]
+# §7.5, Table 1 (Instruction data set): relevance, ROUGE-L, human score (1–5)
+PAPER_TABLE1 = {"no-rl": (0.72, 0.33, 3.2), "synthetic-pref": (0.78, 0.37, 3.5), "cagsr": (0.83, 0.39, 3.7),
+                "human-pref": (0.87, 0.44, 4.0)}
+
+
+def aggregate(per_seed: dict) -> dict:
+    """{dataset: {method: [metrics of seed 0, seed 1, ...]}} -> {dataset: {method: {metric: {mean, std,
+    seeds}}}} (std over seeds, population form: 0 for one seed)."""
+    out = {}
+    for dataset, methods in per_seed.items():
+        for method, runs in methods.items():
+            cell = out.setdefault(dataset, {}).setdefault(method, {})
+            for metric in runs[0]:
+                xs = [r[metric] for r in runs]
+                mean = sum(xs) / len(xs)
+                cell[metric] = {"mean": mean, "std": (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5, "seeds": xs}
+    return out
+
+
+def _cell(results, dataset, method, metric, digits=3):
+    m = results.get(dataset, {}).get(method, {}).get(metric)
+    return "–" if m is None else f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}"
+
+
+def table1_markdown(results: dict) -> str:
+    """Table 1 in the paper's layout (our mean ± std over seeds, the paper's value beside it), then the
+    §7.6 ablations and the reward-hacking indicators."""
+    lines = []
+    for dataset in results:
+        lines += [f"### {dataset}: Table 1 (oracle = simulated human score; paper = §7.5, Instruction set)", "",
+                  "| method | relevance | paper | ROUGE-L | paper | oracle (1–5) | paper | perplexity |"
+                  + (" fact acc. |" if dataset == "qa" else ""),
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if dataset == "qa" else "")]
+        for method in TABLE1_METHODS:
+            if method not in results[dataset]:
+                continue
+            paper = PAPER_TABLE1.get(method, ("–",) * 3)
+            row = [method, _cell(results, dataset, method, "relevance"), str(paper[0]),
+                   _cell(results, dataset, method, "rouge_l"), str(paper[1]),
+                   _cell(results, dataset, method, "oracle", 2), str(paper[2]),
+                   _cell(results, dataset, method, "perplexity", 2)]
+            if dataset == "qa":
+                row.append(_cell(results, dataset, method, "fact_accuracy"))
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", f"### {dataset}: ablations of the CAGSR reward (§7.6)", "",
+                  "| reward | relevance | ROUGE-L | oracle | CAGSR self-reward |", "| --- | --- | --- | --- | --- |"]
+        for method in ABLATION_METHODS:
+            if method in results[dataset]:
+                lines.append("| " + " | ".join([method] + [_cell(results, dataset, method, k) for k in
+                                                            ("relevance", "rouge_l", "oracle", "self_reward")]) + " |")
+        lines += ["", f"### {dataset}: reward-hacking indicators", "",
+                  "| method | words | distinct-2 | attention entropy | corr(self-reward, judge) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for method in results[dataset]:
+            lines.append("| " + " | ".join([method] + [_cell(results, dataset, method, k, 2) for k in
+                                                        ("mean_length", "distinct_2", "attention_entropy",
+                                                         "reward_relevance_pearson")]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_table1(results: dict, path: Path) -> None:
+    """Bar chart: one panel per (data set, metric), one bar per method, error bars = std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("relevance", "rouge_l", "oracle")
+    fig, axes = plt.subplots(len(results), len(metrics), figsize=(4.2 * len(metrics), 3.4 * len(results)),
+                             squeeze=False)
+    for row, (dataset, methods) in zip(axes, results.items()):
+        names = [m for m in METHODS if m in methods]
+        for ax, metric in zip(row, metrics):
+            ax.bar(range(len(names)), [methods[m][metric]["mean"] for m in names],
+                   yerr=[methods[m][metric]["std"] for m in names], capsize=3,
+                   color=["tab:gray" if m == "no-rl" else "tab:blue" if "cagsr" in m else "tab:orange" for m in names])
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_title(f"{dataset}: {metric}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -55,16 +55,6 @@ PRESETS: dict[str, ModelConfig] = {
 NEG_INF = -1e9  # logit of tokens the policy may never emit (pad, bos); finite so 0·log 0 stays 0
 
 
-def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
-    """Fixed positional encodings of Vaswani et al. (2017): no parameters, any length up to n."""
-    pos = torch.arange(n, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
-    pe = torch.zeros(n, d)
-    pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq)
-    return pe  # [n, D]
-
-
 def attend(q, k, v, mask=None, causal=False, need_weights=False):
     """softmax(q kᵀ / √d) v over the keys allowed by `mask` (True = may attend).
 
@@ -171,7 +161,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by encoder, decoder and output
-        self.register_buffer("pos", sinusoidal_positions(cfg.max_len + 1, cfg.d_model), persistent=False)
+        # Learned positions, initialised at the token embeddings' scale. (Fixed sinusoids have norm
+        # √(D/2) ≈ 11 against ≈ 0.3 for a token, drowning which token it is: the model then failed
+        # to copy names from the prompt.)
+        self.pos = nn.Embedding(cfg.max_len + 1, cfg.d_model)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
         self.enc_norm, self.dec_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
@@ -196,7 +189,7 @@ class Transformer(nn.Module):
         if src_ids.shape[1] > self.cfg.max_len:
             raise ValueError(f"prompt has {src_ids.shape[1]} tokens; this model reads at most {self.cfg.max_len}")
         src_mask = (src_ids != self.cfg.pad_id)[:, None, None, :]
-        x = self.embed(src_ids) + self.pos[: src_ids.shape[1]]
+        x = self.embed(src_ids) + self.pos.weight[: src_ids.shape[1]]
         for layer in self.encoder:
             x = layer(x, src_mask)
         return self.enc_norm(x), src_mask
@@ -214,7 +207,7 @@ class Transformer(nn.Module):
         T = tgt_ids.shape[1]
         if T > self.cfg.max_len + 1:
             raise ValueError(f"response has {T - 1} tokens; this model writes at most {self.cfg.max_len}")
-        x = self.embed(tgt_ids) + self.pos[:T]
+        x = self.embed(tgt_ids) + self.pos.weight[:T]
         attn = []
         for i, layer in enumerate(self.decoder):
             need = self.captured(i, capture_last)
@@ -252,7 +245,7 @@ class Transformer(nn.Module):
         done = torch.zeros(BN, dtype=torch.bool, device=dev)
         prev = torch.full((BN,), cfg.bos_id, dtype=torch.long, device=dev)
         for t in range(T_max):
-            x = self.embed(prev)[:, None] + self.pos[t]  # [B·N,1,D]
+            x = self.embed(prev)[:, None] + self.pos.weight[t]  # [B·N,1,D]
             step_attn = []
             for i, layer in enumerate(self.decoder):
                 need = self.captured(i, capture_last)
