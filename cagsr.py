@@ -217,7 +217,8 @@ def sft(args) -> Path:
     check_resume(run / "sft-last.pt", args)
     tok = tokenizer_for(run)
     mcfg = replace(PRESETS[args.size], pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
-    cfg = overrides(SFT_PRESETS[args.size], args)
+    # --steps/--batch-size/--lr belong to the `sft` subcommand; in the pipeline, --lr is RL's
+    cfg = overrides(SFT_PRESETS[args.size], args) if args.command == "sft" else SFT_PRESETS[args.size]
     train = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "train", args.data)], mcfg.max_len)
     val = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "validation", args.data)], mcfg.max_len)
     val = val[:: max(1, len(val) // cfg.eval_pairs)][: cfg.eval_pairs]
@@ -393,7 +394,7 @@ def learned_reward(kind: str, args, tok: Tokenizer) -> LearnedReward:
     return LearnedReward(rm, tok, refs)
 
 
-def train_reward_model(kind: str, args, tok: Tokenizer, steps=150) -> Path:
+def train_reward_model(kind: str, args, tok: Tokenizer) -> Path:
     """§7.3 baselines' reward models from SFT samples, once per run directory.
     synthetic: good = references and SFT samples that pass automatic checks, bad = corruptions;
     human: 1,000 training prompts × 2 SFT samples, preferred by the simulated oracle, 15 % flipped (§2.2)."""
@@ -401,7 +402,7 @@ def train_reward_model(kind: str, args, tok: Tokenizer, steps=150) -> Path:
     if path.exists():
         return path
     sft_model, rng = load_model(args.run / "sft.pt", args.device), random.Random(args.seed)
-    rm = PreferenceRewardModel(sft_model)
+    rm, steps = PreferenceRewardModel(sft_model), getattr(args, "rm_steps", None) or 150
     if kind == "synthetic":
         examples = []
         for d in DATASETS:
@@ -587,11 +588,11 @@ def plot_rl(rows: list[dict], path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    panels = [(["reward", "coverage", "focus", "repeat"], "reward terms"), (["kl"], "KL(π ‖ π_SFT) per response"),
+    panels = [(["reward", "coverage", "focus", "repeat", "rm"], "reward terms"), (["kl"], "KL(π ‖ π_SFT) per response"),
               (["length"], "response length (tokens)")]
     steps = [r["step"] for r in rows]
     for ax, (keys, title) in zip(axes, panels):
-        for k in keys:
+        for k in [k for k in keys if k in rows[0]]:  # a learned reward has "rm", not the attention terms
             ax.plot(steps, [r[k] for r in rows], label=k)
         ax.set_xlabel("iteration"), ax.set_title(title), ax.grid(alpha=0.3)
         if len(keys) > 1:
@@ -725,8 +726,18 @@ def parser() -> argparse.ArgumentParser:
                              ("--entropy-floor", float, "§6 floor on attention entropy (0 = off)"),
                              ("--last-layers", int, "L': decoder layers averaged into Ā (1)")):
         common.add_argument(name, type=kind, help=text)
+    rl_flags = Parser(add_help=False)
+    for name, kind, text in (("--iterations", int, "RL iterations"), ("--batch-prompts", int, "prompts per iteration"),
+                             ("--samples", int, "N responses per prompt"), ("--lr", float, "Adam learning rate"),
+                             ("--clip-eps", float, "PPO clipping ε"), ("--kl-coef", float, "β_KL to the SFT model"),
+                             ("--kl-target", float, "adapt β_KL towards this KL (0 = fixed)"),
+                             ("--ent-coef", float, "entropy bonus"), ("--epochs", int, "PPO epochs per iteration"),
+                             ("--baseline", str, "value (V_old(x), §4) or group (mean of the other samples)"),
+                             ("--checkpoint-every", int, "iterations between resumable checkpoints"),
+                             ("--rm-steps", int, "training steps of a learned reward model (default 150)")):
+        rl_flags.add_argument(name, type=kind, help=text)
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[common])
+               parents=[common, rl_flags])
     sub = p.add_subparsers(dest="command")
     sub.add_parser("prepare", parents=[common], help="check the data, train the tokenizer, print length stats")
     s = sub.add_parser("sft", parents=[common], help="supervised fine-tuning: the No-RL baseline")
@@ -737,19 +748,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--checkpoint", type=Path, help="model to use (default <run>/sft.pt)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    r = sub.add_parser("rl", parents=[common], help="PPO from the SFT checkpoint on the chosen reward")
-    for name, kind, text in (("--iterations", int, "RL iterations"), ("--batch-prompts", int, "prompts per iteration"),
-                             ("--samples", int, "N responses per prompt"), ("--lr", float, "Adam learning rate"),
-                             ("--clip-eps", float, "PPO clipping ε"), ("--kl-coef", float, "β_KL to the SFT model"),
-                             ("--kl-target", float, "adapt β_KL towards this KL (0 = fixed)"),
-                             ("--ent-coef", float, "entropy bonus"), ("--epochs", int, "PPO epochs per iteration"),
-                             ("--baseline", str, "value (V_old(x), §4) or group (mean of the other samples)"),
-                             ("--checkpoint-every", int, "iterations between resumable checkpoints")):
-        r.add_argument(name, type=kind, help=text)
-    t = sub.add_parser("table1", parents=[common], help="Table 1 and the ablations: every method, several seeds")
+    sub.add_parser("rl", parents=[common, rl_flags], help="PPO from the SFT checkpoint on the chosen reward")
+    t = sub.add_parser("table1", parents=[common, rl_flags], help="Table 1 and ablations: every method, several seeds")
     t.add_argument("--seeds", type=int, default=3, help="RL seeds per method (default 3)")
     t.add_argument("--methods", help=f"comma-separated subset of {','.join(evaluate.METHODS)}")
-    t.add_argument("--iterations", type=int, help="RL iterations per run (default: the preset's)")
     t.add_argument("--eval-prompts", type=int, default=300, help="test prompts scored per data set (300, as §7.4)")
     t.add_argument("--report-only", action="store_true", help="only assemble the finished runs' scores")
     return p

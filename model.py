@@ -201,9 +201,10 @@ class Transformer(nn.Module):
         return layer_index >= self.cfg.n_dec_layers - capture_last
 
     # ---- teacher forcing ----------------------------------------------------------------------
-    def decode(self, memory, src_mask, tgt_ids, capture_last=0):
+    def decoder_states(self, memory, src_mask, tgt_ids, capture_last=0):
         """Teacher-forced decoder. memory [B,S,D]; tgt_ids [B·N,T] (N ≥ 1 targets per prompt, rows
-        b·N…b·N+N−1 belong to prompt b). Returns logits [B·N,T,V] and Ā [B·N,T,S] or None."""
+        b·N…b·N+N−1 belong to prompt b). Returns the final states [B·N,T,D] (before the output norm)
+        and Ā [B·N,T,S] of the last `capture_last` layers, or None."""
         T = tgt_ids.shape[1]
         if T > self.cfg.max_len + 1:
             raise ValueError(f"response has {T - 1} tokens; this model writes at most {self.cfg.max_len}")
@@ -214,7 +215,12 @@ class Transformer(nn.Module):
             x, w = layer(x, layer.cross_attn.keys_values(memory), src_mask, need_weights=need)
             if need:
                 attn.append(w.mean(dim=1))  # heads averaged: [B·N,T,S]
-        return self.logits(x), (torch.stack(attn).mean(dim=0) if attn else None)
+        return x, (torch.stack(attn).mean(dim=0) if attn else None)
+
+    def decode(self, memory, src_mask, tgt_ids, capture_last=0):
+        """decoder_states, then the tied output layer: logits [B·N,T,V] and Ā (or None)."""
+        x, attn = self.decoder_states(memory, src_mask, tgt_ids, capture_last)
+        return self.logits(x), attn
 
     def forward(self, src_ids, tgt_ids, capture_last=0):
         """src_ids [B,S], tgt_ids [B·N,T] starting with BOS -> logits [B·N,T,V] (logits[:, t] predicts

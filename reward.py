@@ -411,13 +411,8 @@ def decoder_states(model: Transformer, src: torch.Tensor, dec_in: torch.Tensor) 
 
     src [B,S], dec_in [B·N,T] (BOS + response; N rows per prompt) -> [B·N,T,D].
     """
-    if dec_in.shape[1] > model.cfg.max_len + 1:
-        raise ValueError(f"response has {dec_in.shape[1] - 1} tokens; this model reads at most {model.cfg.max_len}")
     memory, src_mask = model.encode(src)  # [B,S,D], [B,1,1,S]
-    x = model.embed(dec_in) + model.pos[: dec_in.shape[1]]  # [B·N,T,D]
-    for layer in model.decoder:
-        x, _ = layer(x, layer.cross_attn.keys_values(memory), src_mask)
-    return model.dec_norm(x)  # [B·N,T,D]
+    return model.dec_norm(model.decoder_states(memory, src_mask, dec_in)[0])  # [B·N,T,D]
 
 
 class PreferenceRewardModel(nn.Module):

@@ -3,8 +3,6 @@ same numbers, and bad input is one clear line on stderr with a non-zero exit —
 never damage to what is already written."""
 import hashlib
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,21 +14,10 @@ from data import load_split
 from data.tokenizer import train_tokenizer, training_texts
 from model import PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = replace(PRESETS["tiny"], d_model=64, n_heads=2, d_ff=128, n_enc_layers=1, n_dec_layers=2)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "cagsr.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+from conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +70,6 @@ def test_learning_rate_warms_up_then_decays():
     lrs = [cagsr.lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A real run directory: tokenizer and a 2-step SFT checkpoint, made through the CLI."""
-    run = tmp_path_factory.mktemp("run")
-    for args in (["prepare"], ["sft", "--steps", "2", "--batch-size", "8"]):
-        proc = run_cli(*args, "--out", str(run))
-        assert proc.returncode == 0, proc.stderr
-    return run
 
 
 def test_prepare_prints_length_statistics(run_dir):
