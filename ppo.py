@@ -214,7 +214,9 @@ def ppo_update(policy, value_head, opt, batch: Batch, cfg: PPOConfig, gen: torch
             v = value_head(memory, src_mask).repeat_interleave(n)
             v_loss = value_loss(v, batch.v_old[rows], batch.returns[rows, 0], cfg.value_clip)
             ent = masked_mean(entropy, mask)
-            loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+            loss = pg_loss - cfg.ent_coef * ent
+            if cfg.baseline == "value":  # the group baseline leaves V unused: don't let it pull the encoder
+                loss = loss + cfg.vf_coef * v_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
