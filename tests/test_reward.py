@@ -411,3 +411,21 @@ def test_idf_round_trips_through_json(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="IDF table"):
         load_idf(str(path))
+
+
+def test_important_tokens_of_real_prompts_with_the_real_tokenizer(tmp_path):
+    """I_x of two test prompts under the tiny tokenizer and IDF fitted on the training prompts: the
+    QA context's value and entity (capitalised, not sentence-initial) and its number are chosen."""
+    from data import load_split
+    from data.tokenizer import train_tokenizer, training_texts
+
+    tok = train_tokenizer(training_texts(), 1536, tmp_path / "t.model")
+    idf = fit_idf([r["prompt"] for d in ("qa", "instruct") for r in load_split(d, "train")])
+    prompts = ["Pestalia has its capital at Ronronholm and was founded in 1460. What is the capital of Pestalia?",
+               load_split("instruct", "test")[0]["prompt"]]
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(tok.encode(p)) for p in prompts], batch_first=True)
+    words = important_words(ids, idf, tok.pieces)
+    assert {"Ronronholm", "1460", "Pestalia"} <= set(words[0]) and "the" not in words[0]
+    assert 1 <= len(words[1]) <= 6  # an instruction: its top-3 IDF words, plus any names
+    mask = important_token_mask(ids, idf, tok.pieces)
+    assert not mask[ids == tok.pad_id].any()
