@@ -117,3 +117,17 @@ def test_prompt_longer_than_the_model_reads_is_one_line(run_dir):
     proc = run_cli("sample", "--prompt", "word " * 200, "--out", str(run_dir))
     assert_one_line_error(proc, "at most 64")
     assert json.loads((run_dir / "config.json").read_text())["size"] == "tiny"
+
+
+def test_memory_plan_counts_the_real_model_and_grows_with_size():
+    import torch
+    from model import Transformer
+
+    for size in ("tiny", "1.3b"):
+        with torch.device("meta"):
+            real = Transformer(PRESETS[size]).num_parameters()
+        plan = cagsr.memory_plan(size)
+        assert plan["parameters"] == real
+        assert plan["adam"] == pytest.approx(2 * plan["weights"])  # two fp32 moments per fp32 weight
+    assert cagsr.memory_plan("1.3b", grad_checkpoint=True)["activations"] < cagsr.memory_plan("1.3b")["activations"]
+    assert cagsr.memory_plan("tiny")["total"] < cagsr.memory_plan("1.3b")["total"]
