@@ -223,8 +223,8 @@ def sft(args) -> Path:
     train = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "train", args.data)], mcfg.max_len)
     val = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "validation", args.data)], mcfg.max_len)
     val = val[:: max(1, len(val) // cfg.eval_pairs)][: cfg.eval_pairs]
-    (run / "config.json").write_text(json.dumps({"size": args.size, "model": asdict(mcfg), "sft": asdict(cfg)},
-                                                indent=2))
+    atomic_write_text(run / "config.json", json.dumps({"size": args.size, "model": asdict(mcfg), "sft": asdict(cfg)},
+                                                      indent=2))
     model, metrics = train_sft(mcfg, cfg, train, val, run, args.seed, args.device, size=args.size)
     atomic_save(checkpoint(model, args.size), final)
     plot_curves(metrics.read("sft"), ["loss", "val_loss"], run / "sft_loss.png", "supervised fine-tuning")
@@ -338,7 +338,7 @@ def train_policy(args, method: str, seed: int, rdir: Path) -> Path:
     policy, reference = (load_model(args.run / "sft.pt", args.device) for _ in range(2))
     reference.eval().requires_grad_(False)
     prompts = [tok.encode(r["prompt"]) for d in DATASETS for r in load_split(d, "train", args.data)]
-    (rdir / "config.json").write_text(json.dumps({"method": method, "seed": seed, "ppo": asdict(cfg),
+    atomic_write_text(rdir / "config.json", json.dumps({"method": method, "seed": seed, "ppo": asdict(cfg),
                                                   "reward": asdict(rcfg)}, indent=2))
     print(f"rl: {method}, seed {seed}, {cfg.iterations} iterations of {cfg.batch_prompts} prompts × {cfg.samples}")
     policy, _, metrics = train_rl(policy, reference, prompts, reward_for_method(method, args, tok, rcfg), cfg,
@@ -526,8 +526,8 @@ def table1(args):
     if not per_seed:
         raise CLIError(f"no finished Table-1 runs under {out}: run `python cagsr.py table1` first")
     results = evaluate.aggregate(per_seed)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(evaluate.table1_markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.md", evaluate.table1_markdown(results))
     evaluate.plot_table1(results, out / "results.png")
     print(evaluate.table1_markdown(results))
     print(f"table1: {len(methods)} methods × {args.seeds} seeds in {time.time() - t0:.0f} s -> {out}/results.md")
