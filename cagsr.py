@@ -609,12 +609,17 @@ def plan_cmd(args):
 # ---- plots -----------------------------------------------------------------------------------
 
 
-def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str):
-    """One line per metric key against the step; metrics logged only sometimes are drawn with markers."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed), imported on first plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str):
+    """One line per metric key against the step; metrics logged only sometimes are drawn with markers."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if k in r]
@@ -628,10 +633,7 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str):
 
 def plot_rl(rows: list[dict], path: Path):
     """The RL run at a glance: reward and its terms, KL to the reference, response length."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     panels = [(["reward", "coverage", "focus", "repeat", "rm"], "reward terms"), (["kl"], "KL(π ‖ π_SFT) per response"),
               (["length"], "response length (tokens)")]
@@ -649,10 +651,7 @@ def plot_rl(rows: list[dict], path: Path):
 
 def plot_attention(attn, prompt_pieces: list[str], response_pieces: list[str], path: Path, title: str):
     """Heat map of Ā [T, S]: one row per response token, one column per prompt token."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(0.45 * len(prompt_pieces) + 2, 0.35 * len(response_pieces) + 1.5))
     ax.imshow(attn, cmap="viridis", vmin=0, aspect="auto")
     ax.set_xticks(range(len(prompt_pieces)), prompt_pieces, rotation=60, ha="right", fontsize=8)

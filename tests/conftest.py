@@ -1,9 +1,12 @@
 """Shared fixtures: a real run directory made through the command line, and CLI helpers."""
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+import cagsr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,19 @@ def run_dir(tmp_path_factory):
         proc = run_cli(*args, "--out", str(run))
         assert proc.returncode == 0, proc.stderr
     return run
+
+
+@contextmanager
+def interrupted_at_step(monkeypatch, step: int):
+    """Simulate Ctrl-C while the metrics of `step` are being logged; the body must be interrupted."""
+    log = cagsr.Metrics.log
+
+    def crash(self, **row):
+        if row["step"] == step:
+            raise KeyboardInterrupt
+        log(self, **row)
+
+    monkeypatch.setattr(cagsr.Metrics, "log", crash)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(cagsr.Metrics, "log", log)

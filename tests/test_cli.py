@@ -17,7 +17,7 @@ from model import PRESETS
 SMALL = replace(PRESETS["tiny"], d_model=64, n_heads=2, d_ff=128, n_enc_layers=1, n_dec_layers=2)
 
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, interrupted_at_step, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +45,8 @@ def test_interrupted_sft_resumes_to_the_same_numbers(pairs, tmp_path, monkeypatc
     cfg = cagsr.SFTConfig(steps=16, batch_size=16, lr=3e-3, warmup=2, eval_every=8, eval_pairs=16)
     whole = cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], tmp_path / "whole", quiet=True)[0]
     run = tmp_path / "cut"
-    log = cagsr.Metrics.log
-
-    def crash_at_step_11(self, **row):
-        if row["step"] == 11:
-            raise KeyboardInterrupt
-        log(self, **row)
-
-    monkeypatch.setattr(cagsr.Metrics, "log", crash_at_step_11)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 11):
         cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], run, quiet=True)
-    monkeypatch.setattr(cagsr.Metrics, "log", log)
     assert torch.load(run / "sft-last.pt", weights_only=True)["step"] == 8
     resumed = cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], run, quiet=True)[0]
     a, b = (cagsr.Metrics(p / "metrics.jsonl").read("sft") for p in (tmp_path / "whole", run))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cagsr
+from conftest import interrupted_at_step
 from model import PRESETS, Transformer
 from ppo import (AdaptiveKL, PPOConfig, ValueHead, advantages, collect_rollout, group_baseline, kl_per_token,
                  policy_loss, ppo_update, returns_to_go, value_loss)
@@ -178,17 +179,8 @@ def test_a_short_run_raises_the_cagsr_reward(tmp_path):
 
 def test_interrupted_rl_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     whole = run_rl(tmp_path / "whole")
-    log = cagsr.Metrics.log
-
-    def crash_at_iteration_3(self, **row):
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-        log(self, **row)
-
-    monkeypatch.setattr(cagsr.Metrics, "log", crash_at_iteration_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 3):
         run_rl(tmp_path / "cut")
-    monkeypatch.setattr(cagsr.Metrics, "log", log)
     resumed = run_rl(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole, resumed):

@@ -10,7 +10,7 @@ import torch
 
 from data import load_split
 from data.tokenizer import train_tokenizer, training_texts
-from evaluate import degenerate, oracle_score, rouge_tokens, states_fact
+from evaluate import degenerate, oracle_score, states_fact
 from model import PRESETS, Rollout, Transformer
 from reward import (
     CORRUPTIONS,
