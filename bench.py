@@ -212,7 +212,7 @@ def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
     settings) split into sampling, reward, reference log-probs and the PPO update; median per part."""
     import copy
 
-    from ppo import PPOConfig, ValueHead, collect_rollout, ppo_update
+    from ppo import ActorCritic, PPOConfig, ValueHead, collect_rollout, ppo_update
     from reward import AttentionReward
 
     pieces = ["<pad>", "<s>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(cfg.vocab_size - 4)]
@@ -227,7 +227,7 @@ def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
     for _ in range(repeats + 1):  # the first is the warm-up
         batch, _, _, times = collect_rollout(policy, head, reference, src, reward_fn, ppo_cfg, 0.05, 1)
         start = time.perf_counter()
-        ppo_update(policy, head, opt, batch, ppo_cfg, gen)
+        ppo_update(ActorCritic(policy, head), opt, batch, ppo_cfg, gen)
         parts.append({**times, "t_update": time.perf_counter() - start})
     result = {k: statistics.median(p[k] for p in parts[1:]) for k in parts[0]}
     result["total_s"] = sum(result.values())

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import evaluate
+import runtime
 from data import DATA_DIR, DATASETS, SPLITS, DataError, format_stats, length_stats, load_split
 from data.tokenizer import Tokenizer, train_tokenizer, training_texts
 from model import PRESETS, Transformer
-from ppo import AdaptiveKL, PPOConfig, ValueHead, collect_rollout, explained_variance, ppo_update
+from ppo import ActorCritic, AdaptiveKL, PPOConfig, ValueHead, collect_rollout, explained_variance, ppo_update
 from reward import (AttentionReward, LearnedReward, PreferenceRewardModel, SumReward, fit_idf, human_preference_pairs,
                     load_idf, load_reward_model, save_idf, save_reward_model, synthetic_labels,
                     train_bradley_terry_rm, train_classifier_rm)
@@ -148,10 +149,10 @@ def batch(pairs, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return src, dec_in, tgt
 
 
-def sequence_nll(model, src, dec_in, tgt) -> torch.Tensor:
+def sequence_nll(model, src, dec_in, tgt, pad_id: int) -> torch.Tensor:
     """Summed negative log-likelihood of each target sequence: [B]."""
     logits, _ = model(src, dec_in)
-    nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=model.cfg.pad_id, reduction="none")
+    nll = F.cross_entropy(logits.float().transpose(1, 2), tgt, ignore_index=pad_id, reduction="none")
     return nll.sum(dim=1)
 
 
@@ -162,7 +163,7 @@ def perplexity(model, pairs, batch_size=128, device="cpu") -> float:
     total, count = 0.0, 0
     for i in range(0, len(pairs), batch_size):
         src, dec_in, tgt = (t.to(device) for t in batch(pairs[i : i + batch_size], model.cfg))
-        total += sequence_nll(model, src, dec_in, tgt).sum().item()
+        total += sequence_nll(model, src, dec_in, tgt, model.cfg.pad_id).sum().item()
         count += (tgt != model.cfg.pad_id).sum().item()
     return math.exp(total / count)
 
@@ -223,18 +224,26 @@ def sft(args) -> Path:
     train = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "train", args.data)], mcfg.max_len)
     val = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "validation", args.data)], mcfg.max_len)
     val = val[:: max(1, len(val) // cfg.eval_pairs)][: cfg.eval_pairs]
-    atomic_write_text(run / "config.json", json.dumps({"size": args.size, "model": asdict(mcfg), "sft": asdict(cfg)},
-                                                      indent=2))
-    model, metrics = train_sft(mcfg, cfg, train, val, run, args.seed, args.device, size=args.size)
-    atomic_save(checkpoint(model, args.size), final)
-    plot_curves(metrics.read("sft"), ["loss", "val_loss"], run / "sft_loss.png", "supervised fine-tuning")
-    print(f"sft: wrote {final} and {run / 'sft_loss.png'}")
+    if args.rt.main:
+        atomic_write_text(run / "config.json", json.dumps({"size": args.size, "model": asdict(mcfg), "sft": asdict(cfg)},
+                                                          indent=2))
+    rt = args.rt
+    model, metrics = train_sft(mcfg, cfg, train, val, run, args.seed, rt, size=args.size)
+    state = rt.model_state(model)
+    if rt.main:
+        atomic_save(checkpoint(model, args.size, state), final)
+        plot_curves(metrics.read("sft"), ["loss", "val_loss"], run / "sft_loss.png", "supervised fine-tuning")
+        print(f"sft: wrote {final} and {run / 'sft_loss.png'}")
+    rt.barrier()
     return final
 
 
-def checkpoint(model: Transformer, size: str, **extra) -> dict:
+def checkpoint(model: Transformer, size: str, state=None, **extra) -> dict:
+    """What load_model reads back: the preset, the config fields that differ from it, the weights
+    (`state`, default model.state_dict()), and any `extra` entries of a resumable checkpoint."""
     overrides = {k: v for k, v in asdict(model.cfg).items() if getattr(PRESETS[size], k) != v}
-    return {"size": size, "model_overrides": overrides, "model": model.state_dict(), **extra}
+    return {"size": size, "model_overrides": overrides, "model": model.state_dict() if state is None else state,
+            **extra}
 
 
 def epoch_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -247,39 +256,56 @@ def epoch_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) 
     return [batches[i] for i in torch.randperm(len(batches), generator=gen)]
 
 
-def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, device="cpu", size="tiny", quiet=False):
+def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, rt=None, size="tiny", quiet=False):
     """The training loop. Every `eval_every` steps: validation loss/perplexity, and a resumable
-    checkpoint (sft-last.pt: model, optimizer, step, data order RNG) so an interrupted run continues."""
+    checkpoint (sft-last.pt: model, optimizer, step, data order RNG) so an interrupted run continues.
+    `rt` (runtime.Runtime) places the model; in a distributed run each rank takes an equal slice of
+    every global batch of `cfg.batch_size` pairs. Returns the trained model and the metrics file."""
+    rt = rt or runtime.setup()
+    if cfg.batch_size % rt.world:
+        raise CLIError(f"--batch-size {cfg.batch_size} does not split evenly over {rt.world} processes")
     torch.manual_seed(seed)
     run.mkdir(parents=True, exist_ok=True)
-    model = Transformer(mcfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    model = Transformer(mcfg)
     order = torch.Generator().manual_seed(seed)
     metrics, last, step = Metrics(run / "metrics.jsonl"), run / "sft-last.pt", 0
     lengths = torch.tensor([len(x) + len(y) for x, y in train])
     batches, pos = epoch_batches(lengths, cfg.batch_size, order), 0
-    if last.exists():
-        ck = load_checkpoint(last)
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), order.set_state(ck["order"])
+    ck = load_checkpoint(last) if last.exists() else None
+    if ck:
+        model.load_state_dict(ck["model"])
+    model = rt.prepare(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    if ck:
+        rt.load_optimizer_state(model, opt, ck["optimizer"])
+        order.set_state(ck["order"])
         step, batches, pos = ck["step"], ck["batches"], ck["pos"]
-        print(f"sft: resuming from step {step} ({last})")
-    metrics.truncate("sft", step)
-    bar = tqdm(total=cfg.steps, initial=step, desc="sft", disable=quiet, dynamic_ncols=True)
+        if rt.main:
+            print(f"sft: resuming from step {step} ({last})")
+    if rt.main:
+        metrics.truncate("sft", step)
+    bar = tqdm(total=cfg.steps, initial=step, desc="sft", disable=quiet or not rt.main, dynamic_ncols=True)
     while step < cfg.steps:
         if pos == len(batches):  # a fresh shuffle each epoch
             batches, pos = epoch_batches(lengths, cfg.batch_size, order), 0
-        src, dec_in, tgt = (t.to(device) for t in batch([train[i] for i in batches[pos]], mcfg))
+        mine = batches[pos][rt.rank :: rt.world]  # this process's slice of the global batch
+        src, dec_in, tgt = (t.to(rt.device) for t in batch([train[i] for i in mine], mcfg))
         pos += 1
         model.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = sequence_nll(model, src, dec_in, tgt).sum() / (tgt != mcfg.pad_id).sum()
+        with rt.autocast():
+            nll = sequence_nll(model, src, dec_in, tgt, mcfg.pad_id).sum()
+        # this rank's part of the mean over every rank's target tokens; DDP/FSDP average the ranks'
+        # gradients, hence the factor `world` (1 in one process)
+        loss = nll / rt.all_sum((tgt != mcfg.pad_id).sum())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * rt.world).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        loss = rt.all_sum(loss.detach())
         if not torch.isfinite(loss):
             raise CLIError(f"sft: loss became {loss.item()} at step {step}; last good checkpoint: {last}")
         opt.step()
@@ -287,15 +313,20 @@ def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, device="cpu",
         row = {"stage": "sft", "step": step, "loss": loss.item(), "lr": lr_at(step - 1, cfg),
                "grad_norm": grad_norm.item()}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            row["val_ppl"] = perplexity(model, val, device=device)
+            with rt.autocast():  # every rank scores the whole validation set (FSDP needs them all)
+                row["val_ppl"] = perplexity(rt.unwrap(model), val, device=rt.device)
             row["val_loss"] = math.log(row["val_ppl"])
-            atomic_save({**checkpoint(model, size), "optimizer": opt.state_dict(), "step": step,
-                         "order": order.get_state(), "batches": batches, "pos": pos}, last)
-        metrics.log(**row)
+            state = {**checkpoint(rt.unwrap(model), size, rt.model_state(model)),
+                     "optimizer": rt.optimizer_state(model, opt), "step": step, "order": order.get_state(),
+                     "batches": batches, "pos": pos}
+            if rt.main:
+                atomic_save(state, last)
+        if rt.main:
+            metrics.log(**row)
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "val_loss", "lr")})
         bar.update()
     bar.close()
-    return model, metrics
+    return rt.unwrap(model), metrics
 
 
 # ---- stage 3: reinforcement learning with the CAGSR reward (§4, §5) ----------------------------
@@ -338,14 +369,19 @@ def train_policy(args, method: str, seed: int, rdir: Path) -> Path:
     policy, reference = (load_model(args.run / "sft.pt", args.device) for _ in range(2))
     reference.eval().requires_grad_(False)
     prompts = [tok.encode(r["prompt"]) for d in DATASETS for r in load_split(d, "train", args.data)]
-    atomic_write_text(rdir / "config.json", json.dumps({"method": method, "seed": seed, "ppo": asdict(cfg),
-                                                  "reward": asdict(rcfg)}, indent=2))
-    print(f"rl: {method}, seed {seed}, {cfg.iterations} iterations of {cfg.batch_prompts} prompts × {cfg.samples}")
-    policy, _, metrics = train_rl(policy, reference, prompts, reward_for_method(method, args, tok, rcfg), cfg,
-                                  rcfg.last_layers, rdir, seed, args.device, args.size)
-    atomic_save(checkpoint(policy, args.size), final)
-    plot_rl(metrics.read("rl"), rdir / "rl_curves.png")
-    print(f"rl: wrote {final} and {rdir / 'rl_curves.png'}")
+    if args.rt.main:
+        atomic_write_text(rdir / "config.json", json.dumps({"method": method, "seed": seed, "ppo": asdict(cfg),
+                                                            "reward": asdict(rcfg)}, indent=2))
+        print(f"rl: {method}, seed {seed}, {cfg.iterations} iterations of {cfg.batch_prompts} prompts × {cfg.samples}")
+    rt = args.rt
+    model, metrics = train_rl(policy, reference, prompts, reward_for_method(method, args, tok, rcfg), cfg,
+                              rcfg.last_layers, rdir, seed, rt, args.size)
+    state = policy_state(rt.model_state(model))
+    if rt.main:
+        atomic_save(checkpoint(policy, args.size, state), final)
+        plot_rl(metrics.read("rl"), rdir / "rl_curves.png")
+        print(f"rl: wrote {final} and {rdir / 'rl_curves.png'}")
+    rt.barrier()
     return final
 
 
@@ -390,8 +426,11 @@ def reward_for_method(method: str, args, tok: Tokenizer, rcfg: RewardConfig):
 
 
 def learned_reward(kind: str, args, tok: Tokenizer) -> LearnedReward:
-    """A §7.3 reward model (trained on first use), normalised on 256 training references."""
-    path = train_reward_model(kind, args, tok)
+    """A §7.3 reward model (trained on first use, by rank 0), normalised on 256 training references."""
+    path = args.run / f"rm-{kind}.pt"
+    if args.rt.main:
+        train_reward_model(kind, args, tok)
+    args.rt.barrier()
     sft_model = load_model(args.run / "sft.pt", args.device)
     rm = load_reward_model(path, lambda: Transformer(sft_model.cfg)).to(args.device).eval()
     refs = [(r["prompt"], r["response"]) for d in DATASETS for r in load_split(d, "train", args.data)[:128]]
@@ -431,56 +470,91 @@ def train_reward_model(kind: str, args, tok: Tokenizer) -> Path:
 
 
 def train_rl(policy, reference, prompts, reward_fn, cfg: PPOConfig, last_layers: int, rdir: Path, seed=0,
-             device="cpu", size="tiny", quiet=False):
+             rt=None, size="tiny", quiet=False):
     """The RL loop: every iteration samples `batch_prompts` training prompts, collects a rollout and
     runs a PPO update; a resumable checkpoint (policy, value head, optimizer, RNG states, β_KL) every
-    `checkpoint_every` iterations. A NaN or inf stops the run and leaves the last good checkpoint."""
+    `checkpoint_every` iterations. A NaN or inf stops the run and leaves the last good checkpoint.
+    In a distributed run (`rt`) each rank takes an equal share of the iteration's prompts and draws
+    their sampling noise from the one global draw, rewards and advantage statistics are summed over
+    the ranks, and only rank 0 writes. Returns the trained ActorCritic (policy + value head) and the
+    metrics file."""
+    rt = rt or runtime.setup()
+    if cfg.batch_prompts % rt.world:
+        raise CLIError(f"--batch-prompts {cfg.batch_prompts} does not split evenly over {rt.world} processes")
     torch.manual_seed(seed)
     rdir.mkdir(parents=True, exist_ok=True)
-    value_head = ValueHead(policy.cfg.d_model).to(device)
-    opt = torch.optim.Adam([*policy.parameters(), *value_head.parameters()], lr=cfg.lr)
+    value_head = ValueHead(policy.cfg.d_model)
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     order = torch.Generator().manual_seed(seed)  # prompt draws and minibatch shuffles
     metrics, last, start = Metrics(rdir / "metrics.jsonl"), rdir / "rl-last.pt", 0
-    if last.exists():
-        ck = load_checkpoint(last)
+    ck = load_checkpoint(last) if last.exists() else None
+    if ck:
         policy.load_state_dict(ck["model"]), value_head.load_state_dict(ck["value_head"])
-        opt.load_state_dict(ck["optimizer"]), order.set_state(ck["order"]), torch.set_rng_state(ck["rng"])
+    # FSDP: sampling runs the layers a token at a time outside the model's forward, so per-layer
+    # shards would be all-gathered at every step; one group is gathered once per rollout instead
+    # (gradients and Adam states, most of the memory, stay sharded)
+    model = rt.prepare(ActorCritic(policy, value_head), cfg.baseline != "value", shard_layers=False)
+    reference.to(rt.device)
+    policy, value_head = rt.unwrap(model).policy, rt.unwrap(model).value_head
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if ck:
+        rt.load_optimizer_state(model, opt, ck["optimizer"])
+        order.set_state(ck["order"]), torch.set_rng_state(ck["rng"])
         kl_ctl.coef, start = ck["kl_coef"], ck["step"]
-        print(f"rl: resuming from iteration {start} ({last})")
-    metrics.truncate("rl", start)
+        if rt.main:
+            print(f"rl: resuming from iteration {start} ({last})")
+    if rt.main:
+        metrics.truncate("rl", start)
     history = metrics.read("rl")
-    bar = tqdm(total=cfg.iterations, initial=start, desc="rl", disable=quiet, dynamic_ncols=True)
+
+    def mean(x):  # over every rank's rows (each rank holds the same number)
+        return x.float().mean().item() if rt.world == 1 else (rt.all_sum(x.float().mean()) / rt.world).item()
+
+    bar = tqdm(total=cfg.iterations, initial=start, desc="rl", disable=quiet or not rt.main, dynamic_ncols=True)
     for it in range(start, cfg.iterations):
         idx = torch.randperm(len(prompts), generator=order)[: cfg.batch_prompts]
-        src = pad([prompts[i] for i in idx], policy.cfg.pad_id).to(device)
-        batch, terms, kl, times = collect_rollout(policy, value_head, reference, src, reward_fn, cfg,
-                                                  kl_ctl.coef, last_layers)
-        if not torch.isfinite(batch.reward).all():
+        noise = None
+        if rt.distributed:  # this rank's prompts, and their rows of the global batch's sampling noise
+            noise = torch.rand(len(idx), cfg.samples, cfg.max_new_tokens, generator=order)[rt.rank :: rt.world]
+            idx, noise = idx[rt.rank :: rt.world], noise.reshape(-1, cfg.max_new_tokens).to(rt.device)
+        src = pad([prompts[i] for i in idx], policy.cfg.pad_id).to(rt.device)
+        with rt.gathered(model), rt.autocast():
+            batch, terms, kl, times = collect_rollout(policy, value_head, reference, src, reward_fn, cfg,
+                                                      kl_ctl.coef, last_layers, rt.all_sum, noise)
+        if not torch.isfinite(rt.all_sum(batch.reward.sum())):
             raise CLIError(f"rl: the reward became NaN/inf at iteration {it + 1}; last good checkpoint: {last}")
         t0 = time.perf_counter()
         try:
-            stats = ppo_update(policy, value_head, opt, batch, cfg, order)
+            stats = ppo_update(model, opt, batch, cfg, order, rt)
         except FloatingPointError as e:
             raise CLIError(f"rl: {e} at iteration {it + 1}; last good checkpoint: {last}")
-        kl_seq = kl.sum(1).mean().item()  # KL(π ‖ π_ref) per response, k1 estimate
-        row = {"stage": "rl", "step": it + 1, "reward": batch.reward.mean().item(),
-               **{k: v.mean().item() for k, v in terms.items()}, "kl": kl_seq, "kl_coef": kl_ctl.coef,
-               "length": batch.mask.sum(1).float().mean().item(),
+        kl_seq = mean(kl.sum(1))  # KL(π ‖ π_ref) per response, k1 estimate
+        row = {"stage": "rl", "step": it + 1, "reward": mean(batch.reward),
+               **{k: mean(v) for k, v in terms.items()}, "kl": kl_seq, "kl_coef": kl_ctl.coef,
+               "length": mean(batch.mask.sum(1)),
                "explained_var": explained_variance(batch.v_old, batch.returns[:, 0]), **stats,
                **times, "t_update": time.perf_counter() - t0}
-        kl_ctl.update(kl_seq, len(batch.reward))
-        metrics.log(**row)
+        kl_ctl.update(kl_seq, len(batch.reward) * rt.world)
         history.append(row)
-        warn_reward_hacking(history, bar)
+        if rt.main:
+            metrics.log(**row)
+            warn_reward_hacking(history, bar)
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            atomic_save({**checkpoint(policy, size), "value_head": value_head.state_dict(),
-                         "optimizer": opt.state_dict(), "order": order.get_state(), "rng": torch.get_rng_state(),
-                         "kl_coef": kl_ctl.coef, "step": it + 1}, last)
+            state = rt.model_state(model)
+            ck = {**checkpoint(policy, size, policy_state(state)), "optimizer": rt.optimizer_state(model, opt),
+                  "value_head": {k.removeprefix("value_head."): v for k, v in state.items() if k.startswith("value_head.")},
+                  "order": order.get_state(), "rng": torch.get_rng_state(), "kl_coef": kl_ctl.coef, "step": it + 1}
+            if rt.main:
+                atomic_save(ck, last)
         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("reward", "coverage", "focus", "repeat", "kl", "length") if k in row})
         bar.update()
     bar.close()
-    return policy, value_head, metrics
+    return model, metrics
+
+
+def policy_state(actor_critic_state: dict) -> dict:
+    """The policy's weights out of an ActorCritic state dict."""
+    return {k.removeprefix("policy."): v for k, v in actor_critic_state.items() if k.startswith("policy.")}
 
 
 def warn_reward_hacking(history: list[dict], bar):
@@ -765,7 +839,14 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--out", type=Path, help="run directory (default runs/<size>)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--data", type=Path, default=DATA_DIR, help="data set directory (default data/)")
-    common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    common.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: autocast the forward passes, keep fp32 master weights (default fp32)")
+    common.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
+    common.add_argument("--grad-checkpoint", action="store_true",
+                        help="recompute activations in the backward pass (less memory, ≈⅓ more compute)")
+    common.add_argument("--distributed", choices=["ddp", "fsdp"],
+                        help="sft/rl under torchrun: DistributedDataParallel or fully sharded (FSDP)")
     common.add_argument("--force", action="store_true", help="redo a stage even if its output exists")
     common.add_argument("--resume", action="store_true", help="continue an interrupted stage from its checkpoint")
     common.add_argument("--method", choices=evaluate.METHODS[1:], default="cagsr", help="RL reward (default cagsr)")
@@ -780,6 +861,7 @@ def parser() -> argparse.ArgumentParser:
                              ("--clip-eps", float, "PPO clipping ε"), ("--kl-coef", float, "β_KL to the SFT model"),
                              ("--kl-target", float, "adapt β_KL towards this KL (0 = fixed)"),
                              ("--ent-coef", float, "entropy bonus"), ("--epochs", int, "PPO epochs per iteration"),
+                             ("--minibatches", int, "PPO minibatches per epoch"),
                              ("--baseline", str, "value (V_old(x), §4) or group (mean of the other samples)"),
                              ("--checkpoint-every", int, "iterations between resumable checkpoints"),
                              ("--rm-steps", int, "training steps of a learned reward model (default 150)")):
@@ -803,9 +885,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--methods", help=f"comma-separated subset of {','.join(evaluate.METHODS)}")
     t.add_argument("--eval-prompts", type=int, default=300, help="test prompts scored per data set (300, as §7.4)")
     t.add_argument("--report-only", action="store_true", help="only assemble the finished runs' scores")
-    pl = sub.add_parser("plan", parents=[common, rl_flags], help="memory needed to train a preset, and which GPUs fit")
-    pl.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    pl.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
+    sub.add_parser("plan", parents=[common, rl_flags], help="memory needed to train a preset, and which GPUs fit")
     return p
 
 
@@ -817,8 +897,12 @@ def main(argv=None):
     args = parser().parse_args(argv)
     args.run = args.out or Path("runs") / args.size
     try:
+        if args.distributed and args.command not in ("sft", "rl"):
+            raise CLIError("--distributed works with the sft and rl subcommands (run prepare first, in one process)")
+        args.rt = runtime.setup(args.device, args.dtype, args.compile, args.grad_checkpoint, args.distributed)
+        args.device = args.rt.device
         COMMANDS[args.command](args)
-    except (CLIError, DataError, ValueError) as e:
+    except (CLIError, DataError, ValueError, runtime.LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

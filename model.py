@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cross_kv, src_mask, need_weights=False, cache=None, t=0):
         """Pre-norm block on x [B·N,T,D]. cross_kv: the prompt's keys/values [B,H,S,d], once per
-        prompt. Teacher forcing (cache None) attends causally over x itself; sampling writes step t's
+        prompt — or the encoder memory [B,S,D], projected here (inside forward, where FSDP has gathered
+        this layer's weights). Teacher forcing (cache None) attends causally over x itself; sampling writes step t's
         keys/values into `cache` [2,B·N,H,T_max,d] and attends over steps 0…t.
         Returns the new x and the cross-attention weights [B·N,H,T,S] (or None)."""
+        if isinstance(cross_kv, torch.Tensor):
+            cross_kv = self.cross_attn.keys_values(cross_kv)
         h = self.ln1(x)
         k, v = self.self_attn.keys_values(h)
         if cache is not None:
@@ -171,6 +175,7 @@ class Transformer(nn.Module):
         banned = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         banned[[cfg.pad_id, cfg.bos_id]] = True
         self.register_buffer("banned", banned, persistent=False)
+        self.grad_checkpoint = False  # recompute layer activations in backward (runtime.Runtime sets it)
         self.apply(self._init)
 
     @staticmethod
@@ -183,6 +188,19 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def compile_teacher_forcing(self):
+        """torch.compile the passes training runs (encoder, teacher-forced decoder). Sampling stays
+        eager: its one-token steps change shape at every step and would recompile each time."""
+        self.encode = torch.compile(self.encode)
+        self.decoder_states = torch.compile(self.decoder_states)
+
+    def run_layer(self, layer, *args, **kwargs):
+        """layer(*args): with gradient checkpointing while training, its activations are not kept for
+        backward but recomputed there — memory of one layer's input instead of all its intermediates."""
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
+
     # ---- encoder: once per prompt -------------------------------------------------------------
     def encode(self, src_ids):
         """src_ids [B,S] -> memory [B,S,D] and src_mask [B,1,1,S] (True = real prompt token)."""
@@ -191,7 +209,7 @@ class Transformer(nn.Module):
         src_mask = (src_ids != self.cfg.pad_id)[:, None, None, :]
         x = self.embed(src_ids) + self.pos.weight[: src_ids.shape[1]]
         for layer in self.encoder:
-            x = layer(x, src_mask)
+            x = self.run_layer(layer, x, src_mask)
         return self.enc_norm(x), src_mask
 
     def logits(self, h):  # [.., D] -> [.., V]; pad and bos are never emitted
@@ -212,7 +230,7 @@ class Transformer(nn.Module):
         attn = []
         for i, layer in enumerate(self.decoder):
             need = self.captured(i, capture_last)
-            x, w = layer(x, layer.cross_attn.keys_values(memory), src_mask, need_weights=need)
+            x, w = self.run_layer(layer, x, memory, src_mask, need_weights=need)
             if need:
                 attn.append(w.mean(dim=1))  # heads averaged: [B·N,T,S]
         return x, (torch.stack(attn).mean(dim=0) if attn else None)
@@ -231,11 +249,14 @@ class Transformer(nn.Module):
     # ---- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, src_ids, num_samples=1, max_new_tokens=None, temperature=1.0, top_k=0, top_p=1.0,
-                 greedy=False, capture_last=1) -> Rollout:
+                 greedy=False, capture_last=1, uniforms=None) -> Rollout:
         """Sample `num_samples` responses per prompt (§5: "the model produces N diverse responses").
 
         The encoder and each layer's cross-attention keys/values run once per prompt; the decoder's own
         keys/values go into a preallocated cache, so step t costs one token's work, not t tokens'.
+        `uniforms` [B·N, ≥T] in [0,1) fixes the random numbers of sampling (row r, step t uses
+        uniforms[r, t]): a distributed run slices them from one global draw so that a sample does not
+        depend on which rank drew it. Without them each step draws from torch's global generator.
         """
         cfg, N = self.cfg, num_samples
         T_max = min(max_new_tokens or cfg.max_len, cfg.max_len)
@@ -258,7 +279,8 @@ class Transformer(nn.Module):
                 x, w = layer(x, cross_kv[i], src_mask, need_weights=need, cache=cache[i], t=t)
                 if need:
                     step_attn.append(w[:, :, 0].mean(dim=1))  # [B·N,S]
-            tok, logp = self.choose(self.logits(x[:, 0]).float(), temperature, top_k, top_p, greedy)
+            u = uniforms[:, t : t + 1] if uniforms is not None else None
+            tok, logp = self.choose(self.logits(x[:, 0]).float(), temperature, top_k, top_p, greedy, u)
             live = ~done
             tokens[:, t] = torch.where(live, tok, cfg.pad_id)
             logprobs[:, t] = torch.where(live, logp, 0.0)
@@ -273,9 +295,10 @@ class Transformer(nn.Module):
         return Rollout(tokens[:, :T], logprobs[:, :T], mask[:, :T], attn[:, :T] if attn is not None else None)
 
     @staticmethod
-    def choose(logits, temperature, top_k, top_p, greedy):
+    def choose(logits, temperature, top_k, top_p, greedy, u=None):
         """One token per row from logits [B,V]: argmax, or a sample from softmax(logits/temperature)
         restricted to the top-k tokens and to the smallest set whose probability reaches top_p.
+        u [B,1]: the uniform random numbers to use (default: drawn now).
         Returns the tokens [B] and their log-probabilities under that sampling distribution."""
         if greedy:
             logp = logits.log_softmax(dim=-1)
@@ -295,7 +318,7 @@ class Transformer(nn.Module):
         # Inverse-CDF sampling: one uniform number per row. torch.multinomial draws one per vocabulary
         # entry and was a fifth of the sampling time (bench.py). right=True never picks a p = 0 token.
         cdf = logp.exp().cumsum(dim=-1)  # [B,V]
-        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+        u = (torch.rand(cdf.shape[0], 1, device=cdf.device) if u is None else u) * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
         return tok, logp.gather(1, tok[:, None])[:, 0]
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from runtime import Runtime
+
 # ---- configuration ---------------------------------------------------------------------------
 
 
@@ -63,11 +65,29 @@ class ValueHead(nn.Module):
         return self.mlp(pooled.float())[:, 0]
 
 
+class ActorCritic(nn.Module):
+    """The policy and its value head as one module, so that the PPO update is one forward pass — the
+    module that DDP or FSDP wraps in a distributed run."""
+
+    def __init__(self, policy, value_head: ValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, src, dec_in, train_value=True):  # src [B,S], dec_in [B·N,T] -> logits [B·N,T,V], V(x) [B]
+        memory, src_mask = self.policy.encode(src)
+        logits, _ = self.policy.decode(memory, src_mask, dec_in)
+        with torch.set_grad_enabled(train_value and torch.is_grad_enabled()):  # V without gradient: DDP
+            return logits, self.value_head(memory, src_mask)  # then sees the head as unused, as it is
+
+
 # ---- per-token quantities ----------------------------------------------------------------------
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x, mask, all_sum=None):
+    """Mean of x over the real tokens; with all_sum (runtime.Runtime.all_sum), over every rank's."""
+    if all_sum is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
 
 
 def token_logprobs(logits, tokens, temperature=1.0):
@@ -98,12 +118,13 @@ def group_baseline(scores, n):
     return ((groups.sum(1, keepdim=True) - groups) / (n - 1)).reshape(-1)
 
 
-def advantages(returns, baseline, mask, whiten=True):
-    """A_t = G_t − b(x) (§4: A ≈ R − V_old(x)); whitened to mean 0, std 1 over the real tokens."""
+def advantages(returns, baseline, mask, whiten=True, all_sum=None):
+    """A_t = G_t − b(x) (§4: A ≈ R − V_old(x)); whitened to mean 0, std 1 over the real tokens (of
+    every rank, given all_sum)."""
     adv = (returns - baseline[:, None]) * mask
     if whiten:
-        mean = masked_mean(adv, mask)
-        std = masked_mean((adv - mean) ** 2, mask).sqrt()
+        mean = masked_mean(adv, mask, all_sum)
+        std = masked_mean((adv - mean) ** 2, mask, all_sum).sqrt()
         adv = (adv - mean) / (std + 1e-8) * mask
     return adv
 
@@ -173,13 +194,15 @@ def with_bos(tokens, bos_id):
 
 @torch.no_grad()
 def collect_rollout(policy, value_head, reference, src, reward_fn, cfg: PPOConfig, kl_coef: float,
-                    capture_last: int):
+                    capture_last: int, all_sum=None, uniforms=None):
     """Sample, score and prepare one batch. reward_fn(rollout, src) -> (R [B·N], {term: [B·N]}).
-    Returns the Batch, the reward terms, the per-token KL [B·N,T] and the seconds each part took."""
+    Returns the Batch, the reward terms, the per-token KL [B·N,T] and the seconds each part took.
+    In a distributed run (this rank's prompts in src): all_sum whitens the advantages over every rank's
+    tokens, and `uniforms` are this rank's rows of the sampling noise (model.Transformer.generate)."""
     policy.eval()
     n, t0 = cfg.samples, time.perf_counter()
     r = policy.generate(src, num_samples=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        capture_last=capture_last)
+                        capture_last=capture_last, uniforms=uniforms)
     t1 = time.perf_counter()
     reward, terms = reward_fn(r, src)  # from the sampling pass's Ā
     t2 = time.perf_counter()
@@ -191,40 +214,49 @@ def collect_rollout(policy, value_head, reference, src, reward_fn, cfg: PPOConfi
     kl = kl_per_token(r.logprobs, ref_logp) * r.mask
     returns = returns_to_go(reward, kl, kl_coef, r.mask)
     baseline = v_old if cfg.baseline == "value" else group_baseline(returns[:, 0], n)
-    adv = advantages(returns, baseline, r.mask, cfg.whiten)
+    adv = advantages(returns, baseline, r.mask, cfg.whiten, all_sum)
     return Batch(src, r.tokens, r.mask, r.logprobs, ref_logp, v_old, reward, returns, adv), terms, kl, times
 
 
-def ppo_update(policy, value_head, opt, batch: Batch, cfg: PPOConfig, gen: torch.Generator) -> dict:
+def ppo_update(model: ActorCritic, opt, batch: Batch, cfg: PPOConfig, gen: torch.Generator, rt=None) -> dict:
     """cfg.epochs passes over the batch in cfg.minibatches minibatches of whole prompt groups (the N
-    samples of a prompt stay together so the encoder runs once per prompt). Returns mean statistics;
+    samples of a prompt stay together so the encoder runs once per prompt). `model` may be wrapped in
+    DDP/FSDP by `rt` (runtime.Runtime: autocast, sums over ranks). Returns mean statistics;
     `first_*` are the statistics of the very first minibatch, where the ratio must be 1."""
-    policy.train()
+    rt = rt or Runtime(torch.device("cpu"))
+    model.train()
     n, B = cfg.samples, batch.src.shape[0]
     params = [p for g in opt.param_groups for p in g["params"]]
+    bos_id = Runtime.unwrap(model).policy.cfg.bos_id
     logs = []
     for _ in range(cfg.epochs):
         for prompts in torch.randperm(B, generator=gen).chunk(cfg.minibatches):
             rows = (prompts[:, None] * n + torch.arange(n)).reshape(-1)  # the N rows of each prompt
             mask, tokens = batch.mask[rows], batch.tokens[rows]
-            memory, src_mask = policy.encode(batch.src[prompts])
-            logits, _ = policy.decode(memory, src_mask, with_bos(tokens, policy.cfg.bos_id)[:, :-1])
-            logp, entropy = token_logprobs(logits, tokens, cfg.temperature)
-            pg_loss, stats = policy_loss(logp, batch.old_logp[rows], batch.adv[rows], mask, cfg.clip_eps)
-            v = value_head(memory, src_mask).repeat_interleave(n)
-            v_loss = value_loss(v, batch.v_old[rows], batch.returns[rows, 0], cfg.value_clip)
-            ent = masked_mean(entropy, mask)
-            loss = pg_loss - cfg.ent_coef * ent
-            if cfg.baseline == "value":  # the group baseline leaves V unused: don't let it pull the encoder
-                loss = loss + cfg.vf_coef * v_loss
+            # each rank holds part of the minibatch (the same number of prompts): weighting its token
+            # means by its share of the tokens makes DDP's average of the ranks' gradients the gradient
+            # of the mean over all tokens — the single-process update (share = 1 in one process)
+            local = mask.sum()
+            share = rt.world * local / rt.all_sum(local)
+            with rt.autocast():
+                logits, v = model(batch.src[prompts], with_bos(tokens, bos_id)[:, :-1], cfg.baseline == "value")
+                logp, entropy = token_logprobs(logits, tokens, cfg.temperature)
+                pg_loss, stats = policy_loss(logp, batch.old_logp[rows], batch.adv[rows], mask, cfg.clip_eps)
+                v_loss = value_loss(v.float().repeat_interleave(n), batch.v_old[rows], batch.returns[rows, 0],
+                                    cfg.value_clip)
+                ent = masked_mean(entropy, mask)
+                loss = (pg_loss - cfg.ent_coef * ent) * share
+                if cfg.baseline == "value":  # the group baseline leaves V unused: don't let it pull the encoder
+                    loss = loss + cfg.vf_coef * v_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"PPO loss became {loss.item()}")
             opt.step()
-            logs.append({**stats, "policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
-                         "entropy": ent.item(), "grad_norm": grad_norm.item()})
+            logs.append({**rt.all_mean({**stats, "policy_loss": pg_loss.item(), "entropy": ent.item()},
+                                       (share / rt.world).item()),
+                         **rt.all_mean({"value_loss": v_loss.item(), "grad_norm": grad_norm.item()}, 1 / rt.world)})
     out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
     out["ratio_min"], out["ratio_max"] = min(d["ratio_min"] for d in logs), max(d["ratio_max"] for d in logs)
     out.update({f"first_{k}": logs[0][k] for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac")})

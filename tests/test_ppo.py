@@ -12,7 +12,7 @@ import torch
 import cagsr
 from conftest import interrupted_at_step
 from model import PRESETS, Transformer
-from ppo import (AdaptiveKL, PPOConfig, ValueHead, advantages, collect_rollout, group_baseline, kl_per_token,
+from ppo import (ActorCritic, AdaptiveKL, PPOConfig, ValueHead, advantages, collect_rollout, group_baseline, kl_per_token,
                  policy_loss, ppo_update, returns_to_go, value_loss)
 from reward import AttentionReward
 
@@ -125,7 +125,7 @@ def test_ratio_is_one_and_nothing_clipped_on_the_first_minibatch():
     batch, _, _, _ = rollout_batch(policy, copy.deepcopy(policy))
     head = ValueHead(CFG.d_model)
     opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
-    stats = ppo_update(policy, head, opt, batch, PPO, torch.Generator().manual_seed(0))
+    stats = ppo_update(ActorCritic(policy, head), opt, batch, PPO, torch.Generator().manual_seed(0))
     assert stats["first_ratio_min"] == pytest.approx(1.0, abs=1e-5)
     assert stats["first_ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert stats["first_clip_frac"] == 0.0
@@ -148,7 +148,7 @@ def test_no_gradient_reaches_the_reference_or_the_reward():
         assert not t.requires_grad
     head = ValueHead(CFG.d_model)
     opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
-    ppo_update(policy, head, opt, batch, PPO, torch.Generator().manual_seed(0))
+    ppo_update(ActorCritic(policy, head), opt, batch, PPO, torch.Generator().manual_seed(0))
     assert all(p.grad is None for p in reference.parameters())
     for k, v in reference.state_dict().items():
         assert torch.equal(v, before[k])

@@ -1,0 +1,168 @@
+"""Where and how training runs: device, precision, compilation, activation checkpointing, and several
+processes under `torchrun` with PyTorch's own DistributedDataParallel or FSDP.
+
+The training loops in cagsr.py stay the same on a laptop and on eight GPUs; they ask a `Runtime` to
+wrap the model, to open the autocast region of the forward passes, and to sum a statistic over ranks.
+
+    python cagsr.py sft --size 1.3b --device cuda --dtype bf16 --grad-checkpoint --compile
+    torchrun --nproc_per_node=8 cagsr.py rl --size 1.3b --device cuda --dtype bf16 --distributed fsdp
+
+In a distributed run every rank holds an equal share of each global batch (the batch is the same as
+in one process: --batch-size / --batch-prompts are global), gradients are averaged by DDP/FSDP with
+each rank's loss weighted by its share of the tokens, so an update equals the single-process update
+of the same global batch; rank 0 alone writes checkpoints, metrics and plots.
+"""
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class LaunchError(Exception):
+    """A device or launch setting that cannot work here (reported as one line by the CLI)."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: str = "fp32"  # "bf16": matmuls under autocast in bfloat16, master weights and optimizer in fp32
+    compile: bool = False  # torch.compile the teacher-forced passes (training); sampling stays eager
+    grad_checkpoint: bool = False  # recompute each layer's activations in the backward pass
+    distributed: str | None = None  # "ddp" or "fsdp" under torchrun
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The one process that writes files and prints."""
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
+
+    def prepare(self, model, find_unused=False, shard_layers=True) -> nn.Module:
+        """The model to train, on the device: activation checkpointing and compilation switched on
+        where asked, then wrapped in DDP (every rank keeps the whole model, gradients are all-reduced)
+        or FSDP (parameters, gradients and optimizer states sharded; with `shard_layers` each layer is
+        gathered just for its forward and backward, otherwise the model is one group gathered whole).
+        `find_unused`: some parameters get no gradient in a step (DDP must then look for them).
+        Build the optimizer on the returned module's parameters."""
+        model = model.to(self.device)
+        for m in model.modules():
+            if hasattr(m, "grad_checkpoint"):
+                m.grad_checkpoint = self.grad_checkpoint
+            if self.compile and hasattr(m, "compile_teacher_forcing"):
+                m.compile_teacher_forcing()
+        if self.distributed == "ddp":
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+        if self.distributed == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+            for m in list(model.modules()) if shard_layers else []:
+                if type(m).__name__ in ("EncoderLayer", "DecoderLayer"):
+                    fully_shard(m)
+            fully_shard(model)
+        return model
+
+    @staticmethod
+    def unwrap(model) -> nn.Module:
+        """The module itself (DDP keeps it in .module; FSDP changes the module in place)."""
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    @contextlib.contextmanager
+    def gathered(self, model):
+        """Full parameters on every rank for code that does not go through forward (sampling):
+        a no-op except under FSDP, where every sharded group is all-gathered and resharded after."""
+        groups = []
+        if self.distributed == "fsdp":
+            from torch.distributed.fsdp import FSDPModule
+            groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in groups:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in groups:
+                m.reshard()
+
+    def model_state(self, model) -> dict:
+        """The full state dict on CPU (under FSDP every rank must call this; rank 0 gets the tensors)."""
+        if self.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.unwrap(model).state_dict()
+
+    def optimizer_state(self, model, opt) -> dict:
+        if self.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return opt.state_dict()
+
+    def load_optimizer_state(self, model, opt, state: dict):
+        if self.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state)
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ of x over the ranks (x itself in one process)."""
+        if self.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+    def all_mean(self, values: dict, weight: float) -> dict:
+        """Statistics of the whole job from each rank's: Σ_rank weight·value for means (weight = the
+        rank's share of what was averaged), min/max over the ranks for *_min/*_max."""
+        if self.world == 1:
+            return values
+        out = {}
+        for k, v in values.items():
+            op = dist.ReduceOp.MIN if k.endswith("_min") else dist.ReduceOp.MAX if k.endswith("_max") else dist.ReduceOp.SUM
+            t = torch.tensor(v if op != dist.ReduceOp.SUM else v * weight, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=op)
+            out[k] = t.item()
+        return out
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def resolve_device(name: str) -> torch.device:
+    """cpu, cuda, cuda:N or auto (the first GPU if torch sees one, else the CPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LaunchError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LaunchError(f"--device {name}: torch sees no CUDA GPU (CPU build of torch, or no driver); "
+                            f"see README, 'Full runs on a rented GPU'")
+    if device.type not in ("cpu", "cuda"):
+        raise LaunchError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def setup(device="cpu", dtype="fp32", compile=False, grad_checkpoint=False, distributed=None) -> Runtime:
+    """The Runtime of this process; with `distributed`, joins the torchrun job (NCCL on GPUs, gloo on
+    CPUs) and takes GPU number LOCAL_RANK."""
+    dev = resolve_device(device)
+    if dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LaunchError("--dtype bf16: this GPU has no bfloat16 support; use --dtype fp32")
+    if not distributed:
+        return Runtime(dev, dtype, compile, grad_checkpoint)
+    if "RANK" not in os.environ:
+        raise LaunchError(f"--distributed {distributed} needs several processes: launch with "
+                            f"torchrun --nproc_per_node=K cagsr.py ...")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    return Runtime(dev, dtype, compile, grad_checkpoint, distributed, dist.get_rank(), dist.get_world_size())
