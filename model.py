@@ -71,8 +71,8 @@ def attend(q, k, v, mask=None, causal=False, need_weights=False):
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
-    return weights @ v, weights
+    weights = scores.float().softmax(dim=-1)  # fp32 even under bf16 autocast: Ā feeds the reward
+    return weights.to(v.dtype) @ v, weights
 
 
 class Attention(nn.Module):

@@ -117,3 +117,14 @@ def test_torchrun_rl_matches_one_process(run_dir, tmp_path):
         (got,) = runs[key]
         for k in ("reward", "kl", "entropy", "grad_norm", "length"):
             assert got[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), (key, k)
+
+
+def test_bf16_rl_with_gradient_checkpointing_runs_and_starts_at_ratio_one(run_dir, tmp_path):
+    """Ā stays a distribution under bf16 (the reward checks it), and the update's first ratio
+    π_θ/π_old is 1 although sampling and the update run different bf16 kernels."""
+    out = fresh_run(run_dir, tmp_path, "bf16")
+    proc = run_cli("rl", "--out", str(out), "--iterations", "1", "--batch-prompts", "4", "--dtype", "bf16",
+                   "--grad-checkpoint")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = rows(out / "cagsr" / "metrics.jsonl")
+    assert row["first_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
