@@ -647,10 +647,13 @@ def score_method(args, method: str, seed: int, judge):
 GPUS = {"RTX 4090 / L4 (24 GB)": 24, "A100 40GB": 40, "A100 / H100 80GB": 80, "H200 (141 GB)": 141}
 
 
-def memory_plan(size: str, dtype="bf16", batch_prompts=64, samples=4, minibatches=4, grad_checkpoint=False) -> dict:
-    """Estimated GiB of one RL training process without sharding: fp32 master weights, gradients and
-    Adam moments of policy and value head; the frozen reference in `dtype`; the activations of one PPO
-    minibatch of padded (prompt + response) sequences. Per token and attention block we count
+def memory_plan(size: str, dtype="bf16", batch_prompts=64, samples=4, minibatches=4, grad_checkpoint=False,
+                gpus=1, distributed=None) -> dict:
+    """Estimated GiB per process of RL training: fp32 master weights, gradients and Adam moments of
+    policy and value head; the frozen reference in `dtype`; the activations of this process's part of
+    one PPO minibatch of padded (prompt + response) sequences. Over `gpus` processes the prompts are
+    split; FSDP also shards the Adam moments (weights and gradients are whole while a step runs: RL
+    gathers the model as one group, see cagsr.train_rl). Per token and attention block we count
     34·D + 5·H·L bytes in mixed precision (Korthikanti et al. 2022; twice that in fp32), or one stored
     D-vector with gradient checkpointing; the fp32 logits and their gradient add 8·V bytes per token."""
     cfg = PRESETS[size]
@@ -658,20 +661,23 @@ def memory_plan(size: str, dtype="bf16", batch_prompts=64, samples=4, minibatche
         params = Transformer(cfg).num_parameters()
     trained = params + cfg.d_model * cfg.d_model + 2 * cfg.d_model + 1  # policy + value head
     half = 2 if dtype == "bf16" else 4
-    tokens = batch_prompts * samples // minibatches * 2 * cfg.max_len
+    tokens = batch_prompts * samples // minibatches // gpus * 2 * cfg.max_len
     blocks = cfg.n_enc_layers + 2 * cfg.n_dec_layers  # a decoder layer has two attention blocks
     per_token = cfg.d_model * half if grad_checkpoint else (34 * cfg.d_model + 5 * cfg.n_heads * cfg.max_len) * half // 2
     gib = 2**30
     plan = {"parameters": params, "weights": 4 * trained / gib, "gradients": 4 * trained / gib,
-            "adam": 8 * trained / gib, "reference": half * params / gib,
+            "adam": 8 * trained / gib / (gpus if distributed == "fsdp" else 1), "reference": half * params / gib,
             "activations": (tokens * blocks * per_token + tokens * cfg.vocab_size * 8) / gib}
     plan["total"] = sum(v for k, v in plan.items() if k != "parameters")
     return plan
 
 
 def plan_cmd(args):
-    p = memory_plan(args.size, args.dtype, args.batch_prompts or 64, args.samples or 4, 4, args.grad_checkpoint)
-    print(f"{args.size}: {p['parameters'] / 1e6:,.1f}M parameters; one RL process, {args.dtype}, "
+    gpus = args.gpus if args.distributed else 1
+    p = memory_plan(args.size, args.dtype, args.batch_prompts or 64, args.samples or 4, 4, args.grad_checkpoint,
+                    gpus, args.distributed)
+    where = f"each of {gpus} processes ({args.distributed})" if args.distributed else "one RL process"
+    print(f"{args.size}: {p['parameters'] / 1e6:,.1f}M parameters; {where}, {args.dtype}, "
           f"{args.batch_prompts or 64} prompts × {args.samples or 4} samples, 4 minibatches"
           f"{', gradient checkpointing' if args.grad_checkpoint else ''} (estimates, GiB)")
     for k in ("weights", "gradients", "adam", "reference", "activations", "total"):
@@ -885,18 +891,21 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--methods", help=f"comma-separated subset of {','.join(evaluate.METHODS)}")
     t.add_argument("--eval-prompts", type=int, default=300, help="test prompts scored per data set (300, as §7.4)")
     t.add_argument("--report-only", action="store_true", help="only assemble the finished runs' scores")
-    sub.add_parser("plan", parents=[common, rl_flags], help="memory needed to train a preset, and which GPUs fit")
+    pl = sub.add_parser("plan", parents=[common, rl_flags], help="memory needed to train a preset, and which GPUs fit")
+    pl.add_argument("--gpus", type=int, default=8, help="processes of a --distributed plan (default 8)")
     return p
 
 
 COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "rl": rl, "eval": eval_cmd, "sample": sample_cmd,
-            "table1": table1, "plan": plan_cmd}
+            "table1": table1}
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     args.run = args.out or Path("runs") / args.size
     try:
+        if args.command == "plan":  # a plan needs no device and starts no process group
+            return plan_cmd(args)
         if args.distributed and args.command not in ("sft", "rl"):
             raise CLIError("--distributed works with the sft and rl subcommands (run prepare first, in one process)")
         args.rt = runtime.setup(args.device, args.dtype, args.compile, args.grad_checkpoint, args.distributed)
