@@ -254,9 +254,9 @@ def ppo_update(model: ActorCritic, opt, batch: Batch, cfg: PPOConfig, gen: torch
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"PPO loss became {loss.item()}")
             opt.step()
-            logs.append({**rt.all_mean({**stats, "policy_loss": pg_loss.item(), "entropy": ent.item()},
+            logs.append({**rt.reduce_stats({**stats, "policy_loss": pg_loss.item(), "entropy": ent.item()},
                                        (share / rt.world).item()),
-                         **rt.all_mean({"value_loss": v_loss.item(), "grad_norm": grad_norm.item()}, 1 / rt.world)})
+                         **rt.reduce_stats({"value_loss": v_loss.item(), "grad_norm": grad_norm.item()}, 1 / rt.world)})
     out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
     out["ratio_min"], out["ratio_max"] = min(d["ratio_min"] for d in logs), max(d["ratio_max"] for d in logs)
     out.update({f"first_{k}": logs[0][k] for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac")})

@@ -115,7 +115,7 @@ class Runtime:
             dist.all_reduce(x)
         return x
 
-    def all_mean(self, values: dict, weight: float) -> dict:
+    def reduce_stats(self, values: dict, weight: float) -> dict:
         """Statistics of the whole job from each rank's: Σ_rank weight·value for means (weight = the
         rank's share of what was averaged), min/max over the ranks for *_min/*_max."""
         if self.world == 1:
