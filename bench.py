@@ -1,19 +1,29 @@
-"""Benchmarks of CAGSR on the machine at hand: speed and memory, ours against Hugging Face T5.
+"""Benchmarks of CAGSR on the machine at hand: speed and memory, ours against Hugging Face T5, and the
+training throughput and model-FLOP utilisation (MFU) of SFT and of one RL iteration.
 
-    python bench.py [--size tiny] [--only sampling,sft,reward] [--repeats 3]
+    python bench.py [--size tiny] [--only sampling,sft,reward,rl,train] [--repeats 3]
+    python bench.py --only train --size small                           # tokens/s and MFU on the CPU
+    python bench.py --only train --size 1.3b --device cuda --dtype bf16  # … and on a GPU
 
 prints a Markdown table and writes runs/bench/bench.json. Each timing is one warm-up call, then the
 median of `--repeats` calls. The baseline is `T5ForConditionalGeneration` of the same width, depth,
 heads, d_ff and vocabulary, randomly initialised from a config (no weights are downloaded); it needs
-the extra of requirements-bench.txt. Never run by the tests, except a smoke test of small sizes.
+the extra of requirements-bench.txt. The comparisons with it (sampling, sft, reward, rl) run on the
+CPU in float32; --device, --dtype, --compile and --grad-checkpoint apply to `train` alone, which needs
+neither the baseline nor a tokenizer or data files (random ids of the preset's shapes), so that it runs
+for every preset. Never run by the tests, except a smoke test of small sizes.
 """
 import argparse
+import copy
+import functools
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,21 +35,34 @@ HERE = Path(__file__).resolve().parent
 TARGETS = {"sampling": 2.0, "sft": 1.0, "reward_share": 0.05}  # ours/HF ≥, ours/HF ≥, reward/generate <
 
 
-def machine() -> dict:
+def machine(device=None) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown")
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": sys.version.split()[0],
-            "load_1min": os.getloadavg()[0]}  # other work on the machine skews every number below
+    m = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+         "threads": torch.get_num_threads(), "python": sys.version.split()[0],
+         "load_1min": os.getloadavg()[0]}  # other work on the machine skews every number below
+    if device is not None and device.type == "cuda":
+        m["gpu"] = torch.cuda.get_device_name(device)
+    return m
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """One warm-up call (allocator, kernel selection), then the median of `repeats` timed calls."""
+def sync(device=None):
+    """Wait for the GPU's queued work: CUDA calls return before the work is done, so a clock read
+    without this times the launch, not the computation. A no-op on the CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, repeats: int, device=None) -> float:
+    """One warm-up call (allocator, kernel selection), then the median of `repeats` timed calls
+    (each between two `sync`s on a GPU)."""
     fn()
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -210,8 +233,6 @@ def bench_reward_share(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
 def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, prompt_len=24, repeats=3) -> dict:
     """Seconds of one CAGSR iteration (ppo.collect_rollout + ppo.update with the tiny preset's PPO
     settings) split into sampling, reward, reference log-probs and the PPO update; median per part."""
-    import copy
-
     from ppo import ActorCritic, PPOConfig, ValueHead, collect_rollout, ppo_update
     from reward import AttentionReward
 
@@ -234,7 +255,228 @@ def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
     return result
 
 
+# ─── 5. the device's matmul peak ──────────────────────────────────────────────────────────────────
+
+def matmul_peak(device="cpu", dtype="fp32", target_s=0.1, repeats=5) -> dict:
+    """Measured peak FLOP/s of one large square matmul C = A·B (A, B n×n of `dtype`, 2·n³ FLOPs) on
+    `device` with the current torch threads: the yardstick of MFU here, in place of a datasheet figure
+    (which a CPU has none of, and which a GPU reaches only on ideal shapes). n is `matmul_size`; each
+    timing runs enough back-to-back products to last ≈ `target_s` and ends with a `sync`; one warm-up
+    timing, then the median of `repeats`. Returns {"flops": FLOP/s, "n": n}. Measured afresh at each
+    call: on a shared machine the figure moves with the others' load (bench_train takes the highest
+    of several)."""
+    device, n = torch.device(device), matmul_size(str(device), dtype, target_s, torch.get_num_threads())
+    g = torch.Generator(device=device).manual_seed(0)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, generator=g, device=device, dtype=dt) for _ in range(2))
+    k = max(1, math.ceil(target_s / matmul_seconds(a, b, 1)))
+    matmul_seconds(a, b, k)
+    return {"flops": 2 * n**3 / statistics.median(matmul_seconds(a, b, k) for _ in range(repeats)), "n": n}
+
+
+def matmul_seconds(a, b, k: int) -> float:
+    """Seconds of one a·b, from k back-to-back products between two `sync`s."""
+    sync(a.device)
+    start = time.perf_counter()
+    for _ in range(k):
+        torch.mm(a, b)
+    sync(a.device)
+    return (time.perf_counter() - start) / k
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_size(device: str, dtype: str, target_s: float, threads: int) -> int:
+    """n of matmul_peak: doubled from 256 (4096 on a GPU) until one product takes `target_s` (n ≈ 2048
+    on one or two CPU cores) or n reaches 8192 (16384 on a GPU). Found once per (device, dtype, threads)."""
+    device = torch.device(device)
+    n, n_max = (4096, 16384) if device.type == "cuda" else (256, 8192)
+    g = torch.Generator(device=device).manual_seed(0)
+    while n < n_max:
+        a, b = (torch.randn(n, n, generator=g, device=device,
+                            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32) for _ in range(2))
+        matmul_seconds(a, b, 1)  # warm-up: kernel selection, allocator
+        if matmul_seconds(a, b, 1) >= target_s:
+            break
+        n *= 2
+    return n
+
+
+# ─── 6. model FLOPs of the encoder–decoder ─────────────────────────────────────────────────────────
+
+def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(N_src, N_tgt): the matrix-product weights a source (prompt) token and a target (response)
+    token pass through — every nn.Linear weight and the tied output matrix, no biases, LayerNorms or
+    embedding lookups (a lookup is no product; the tied matrix counts once, as the output layer).
+
+        N_src = L_enc·(4D² + 2D·F) + L_dec·2D²   encoder layers; each decoder layer's cross-attention
+                                                 K/V projection, which runs on the prompt's states
+        N_tgt = L_dec·(6D² + 2D·F) + V·D         self-attention Q,K,V,O; cross-attention Q,O; feed-
+                                                 forward; the tied output projection
+    """
+    D, F = cfg.d_model, cfg.d_ff
+    return (cfg.n_enc_layers * (4 * D * D + 2 * D * F) + cfg.n_dec_layers * 2 * D * D,
+            cfg.n_dec_layers * (6 * D * D + 2 * D * F) + cfg.vocab_size * D)
+
+
+def forward_flops(cfg: ModelConfig, prompts: int, prompt_len: int, rows: int, response_len: int,
+                  attention=True) -> int:
+    """Model FLOPs of one forward pass over `prompts` prompts of S = prompt_len tokens and `rows`
+    responses of T = response_len tokens (rows = prompts·N: the encoder and the cross-attention K/V
+    run once per prompt, as in our model), counting a multiply-add as 2 FLOPs:
+
+        F_fwd = 2·N_src·B·S + 2·N_tgt·B·N·T + 4·D·(L_enc·B·S² + L_dec·B·N·(T(T+1)/2 + T·S))
+
+    The last term is attention: q·kᵀ and weights·v cost 2·D FLOPs each per (query, key) pair summed
+    over the heads, for the pairs the masks allow — S per encoder query, t+1 per causal decoder query
+    (T(T+1)/2 in all; PaLM counts the full T², a ≤ 2× overcount of this term only), S per cross-
+    attention query. Sampling with a KV cache does exactly this work too: step t attends to t+1 cached
+    keys, so a rollout's forward FLOPs are those of a teacher-forced pass over the same tokens. Not
+    counted: softmax, norms, activations, biases, the value head (all O(D) per token, < 1 % here)."""
+    D, S, T = cfg.d_model, prompt_len, response_len
+    n_src, n_tgt = matmul_params(cfg)
+    flops = 2 * n_src * prompts * S + 2 * n_tgt * rows * T
+    if attention:
+        flops += 4 * D * (cfg.n_enc_layers * prompts * S * S + cfg.n_dec_layers * rows * (T * (T + 1) // 2 + T * S))
+    return flops
+
+
+def train_flops(cfg: ModelConfig, prompts: int, prompt_len: int, rows: int, response_len: int) -> int:
+    """Model FLOPs of forward + backward: 3·F_fwd (the backward pass computes the gradients of both a
+    product's inputs and its weights, twice the forward's work) — i.e. the standard 6·N per token,
+    here 6·N_src per prompt token + 6·N_tgt per response token, plus 12·D per attended (query, key)
+    pair and layer. PaLM's convention (Chowdhery et al. 2022, appendix B): MFU counts the FLOPs the
+    model needs, not those the implementation spends — activation recomputation (--grad-checkpoint)
+    adds work but no model FLOPs, so it lowers MFU."""
+    return 3 * forward_flops(cfg, prompts, prompt_len, rows, response_len)
+
+
+# ─── 7. training throughput and model-FLOP utilisation ────────────────────────────────────────────
+
+def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConfig | None = None,
+                batch_size: int | None = None, prompts: int | None = None, compile=False,
+                grad_checkpoint=False) -> dict:
+    """Tokens/s and MFU of training, as cagsr.py trains, on random ids of the preset's shapes:
+
+    - SFT: one step of train_sft — forward under autocast, summed token NLL over the target tokens,
+      backward, gradient clipping, AdamW — on the preset's SFT batch (or `batch_size`) of full-length
+      pairs, prompt and response each max_len/2 tokens. Tokens/s counts prompt + response tokens.
+    - RL: one iteration of train_rl — collect_rollout (sampling N responses per prompt with Ā of the
+      last layer, the CAGSR reward, the reference's log-probs, V_old) and ppo_update (epochs ×
+      minibatches with ActorCritic), with the preset's PPOConfig (cagsr.RL_PRESETS, else
+      PPOConfig()) and `prompts` prompts per iteration if given; prompts are max_len/2 tokens and EOS is
+      banned so every response has max_new_tokens tokens. Tokens/s counts the generated tokens (B·N·T)
+      per second of the whole iteration; its model FLOPs are sampling (F_fwd of the rollout), the
+      reference's forward (F_fwd) and epochs × 3·F_fwd of the update (the second encoder pass of
+      V_old recomputes what sampling computed: not counted).
+
+    MFU = model FLOPs / seconds / peak, where peak is the highest of three matmul_peak(device, dtype)
+    measurements — before SFT, between SFT and RL, after RL — so that a peak caught while other work
+    slowed the machine cannot inflate MFU (all three are in "peak_runs"). Timings: one warm-up step
+    (iteration), then the median of `repeats`; on a GPU also the peak memory allocated (GiB)."""
+    from cagsr import RL_PRESETS, SFT_PRESETS, sequence_nll
+    from ppo import ActorCritic, PPOConfig, ValueHead, collect_rollout, ppo_update
+    from reward import AttentionReward
+    from runtime import setup
+
+    rt = setup(str(device), dtype, compile, grad_checkpoint)
+    dev, cfg = rt.device, cfg or PRESETS[size]
+    peaks = [matmul_peak(dev, dtype)]
+    gpu = dev.type == "cuda"
+    result = {"device": str(dev), "dtype": dtype, "compile": compile, "grad_checkpoint": grad_checkpoint}
+
+    def peak_gib():
+        return torch.cuda.max_memory_allocated(dev) / 2**30 if gpu else None
+
+    # SFT: B pairs, S + T tokens each
+    sft_cfg = SFT_PRESETS.get(size, SFT_PRESETS["tiny"])
+    B, S, T = batch_size or sft_cfg.batch_size, cfg.max_len // 2, cfg.max_len // 2
+    src, tgt = random_ids(B, S, cfg, seed=7).to(dev), random_ids(B, T, cfg, seed=8).to(dev)
+    dec_in = torch.cat([torch.full((B, 1), cfg.bos_id, device=dev), tgt[:, :-1]], dim=1)
+    torch.manual_seed(0)
+    with torch.device(dev):  # initialised in place: a 1.3B model would take a while on the CPU
+        model = rt.prepare(Transformer(cfg))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": sft_cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=sft_cfg.lr, betas=(0.9, 0.98))
+
+    def sft_step():
+        model.train()
+        with rt.autocast():
+            loss = sequence_nll(model, src, dec_in, tgt, cfg.pad_id).sum() / tgt.numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), sft_cfg.grad_clip)
+        opt.step()
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(dev)
+    seconds = median_seconds(sft_step, repeats, dev)
+    flops = train_flops(cfg, B, S, B, T)
+    result["sft"] = {"pairs": B, "prompt_len": S, "response_len": T, "tokens": B * (S + T), "seconds": seconds,
+                     "tok_s": B * (S + T) / seconds, "flops": flops, "flops_per_token": flops / (B * (S + T)),
+                     "peak_gib": peak_gib()}
+    del model, opt, decay, no_decay
+    if gpu:
+        torch.cuda.empty_cache()
+    peaks.append(matmul_peak(dev, dtype))
+
+    # RL: B prompts of S tokens, N samples of T new tokens each
+    ppo_cfg = RL_PRESETS.get(size, PPOConfig())
+    if prompts:
+        ppo_cfg = replace(ppo_cfg, batch_prompts=prompts)
+    B, N, S = ppo_cfg.batch_prompts, ppo_cfg.samples, cfg.max_len // 2
+    vocab = cfg.vocab_size
+    pieces = ["<pad>", "<s>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(vocab - 4)]
+    reward_fn = AttentionReward({}, pieces)
+    with torch.device(dev):
+        policy = ours_without_eos(cfg)
+        head = ValueHead(cfg.d_model)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    model = rt.prepare(ActorCritic(policy, head), ppo_cfg.baseline != "value", shard_layers=False)
+    policy, head = rt.unwrap(model).policy, rt.unwrap(model).value_head
+    opt = torch.optim.Adam(model.parameters(), lr=ppo_cfg.lr)
+    src, gen = random_ids(B, S, cfg, seed=9).to(dev), torch.Generator().manual_seed(0)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(dev)
+    parts = []
+    for _ in range(repeats + 1):  # the first is the warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        with rt.autocast():
+            batch, _, _, _ = collect_rollout(policy, head, reference, src, reward_fn, ppo_cfg, ppo_cfg.kl_coef, 1)
+        sync(dev)
+        t1 = time.perf_counter()
+        ppo_update(model, opt, batch, ppo_cfg, gen, rt)
+        sync(dev)
+        parts.append({"rollout_s": t1 - t0, "update_s": time.perf_counter() - t1})
+    T = batch.tokens.shape[1]  # = min(max_new_tokens, max_len): EOS is banned
+    rollout_s, update_s = (statistics.median(p[k] for p in parts[1:]) for k in ("rollout_s", "update_s"))
+    rollout_flops = 2 * forward_flops(cfg, B, S, B * N, T)  # sampling + reference
+    update_flops = ppo_cfg.epochs * train_flops(cfg, B, S, B * N, T)
+    seconds = rollout_s + update_s
+    result["rl"] = {"prompts": B, "samples": N, "prompt_len": S, "new_tokens": T, "epochs": ppo_cfg.epochs,
+                    "minibatches": len(torch.arange(B).chunk(ppo_cfg.minibatches)),  # as ppo_update splits
+                    "seconds": seconds, "rollout_s": rollout_s, "update_s": update_s, "tok_s": B * N * T / seconds,
+                    "flops": rollout_flops + update_flops,
+                    "rollout_flops": rollout_flops, "update_flops": update_flops, "peak_gib": peak_gib()}
+    del model, opt, policy, head, reference, batch
+    peaks.append(matmul_peak(dev, dtype))
+
+    peak = max(p["flops"] for p in peaks)
+    result.update(peak_flops=peak, peak_n=peaks[0]["n"], peak_runs=[p["flops"] for p in peaks])
+    result["sft"]["mfu"] = result["sft"]["flops"] / result["sft"]["seconds"] / peak
+    rl = result["rl"]
+    rl.update(mfu=rl["flops"] / rl["seconds"] / peak, rollout_mfu=rollout_flops / rollout_s / peak,
+              update_mfu=update_flops / update_s / peak)
+    return result
+
+
 # ─── the report ───────────────────────────────────────────────────────────────────────────────────
+
+def flop_rate(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
 
 def table(results: dict) -> str:
     def row(name, ours, hf, ratio, target, met):
@@ -263,6 +505,27 @@ def table(results: dict) -> str:
         lines.append(row(f"one RL iteration ({s['total_s']:.2f} s): sample / reward / reference / update",
                          " / ".join(f"{s[k]:.2f} s" for k in ("t_sample", "t_reward", "t_reference", "t_update")),
                          "", "", "", ""))
+    if s := results.get("train"):
+        where = (f"{s['device']} {s['dtype']}" + ", compiled" * s["compile"]
+                 + ", grad checkpointing" * s["grad_checkpoint"])
+        runs = ", ".join(flop_rate(f).split()[0] for f in s["peak_runs"])
+        lines.append(row(f"matmul peak, {where} (n = {s['peak_n']}; highest of {runs})", flop_rate(s["peak_flops"]),
+                         "", "", "", ""))
+        t = s["sft"]
+        lines.append(row(f"SFT step, {where}: {t['pairs']} pairs × ({t['prompt_len']} + {t['response_len']}) "
+                         f"tokens, {t['seconds']:.2f} s (tok/s · MFU)", f"{t['tok_s']:.0f} · {100 * t['mfu']:.1f} %",
+                         "", "", "", ""))
+        r = s["rl"]
+        lines.append(row(f"one RL iteration, {where}: {r['prompts']} prompts × {r['samples']} samples × "
+                         f"{r['new_tokens']} new tokens, {r['seconds']:.2f} s (new tok/s · MFU)",
+                         f"{r['tok_s']:.0f} · {100 * r['mfu']:.1f} %", "", "", "", ""))
+        lines.append(row(f"… rollout (sample, reward, reference) / update ({r['epochs']} epochs × "
+                         f"{r['minibatches']} minibatches) (s · MFU)",
+                         f"{r['rollout_s']:.2f} s · {100 * r['rollout_mfu']:.1f} % / "
+                         f"{r['update_s']:.2f} s · {100 * r['update_mfu']:.1f} %", "", "", "", ""))
+        if t["peak_gib"] is not None:
+            lines.append(row("peak GPU memory allocated, SFT / RL (GiB)",
+                             f"{t['peak_gib']:.1f} / {r['peak_gib']:.1f}", "", "", "", ""))
     if s := results.get("reward"):
         hi = TARGETS["reward_share"]
         lines.append(row(f"reward / generate ({s['reward_s'] * 1e3:.1f} ms / {s['generate_s'] * 1e3:.0f} ms)",
@@ -270,20 +533,35 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+BENCHMARKS = ("sampling", "sft", "reward", "rl", "train")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="tiny", choices=list(PRESETS))
-    parser.add_argument("--only", default="sampling,sft,reward,rl", help="comma-separated: sampling,sft,reward,rl")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated: {','.join(BENCHMARKS)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument("--device", default="cpu", help="train only: cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="train only: bf16 = autocast, fp32 master weights (default fp32)")
+    parser.add_argument("--compile", action="store_true", help="train only: torch.compile the training passes")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="train only: recompute activations in backward")
+    parser.add_argument("--batch-size", type=int, help="train only: SFT pairs per step (default: the preset's)")
+    parser.add_argument("--prompts", type=int, help="train only: prompts per RL iteration (default: the preset's)")
     parser.add_argument("--out", default="runs/bench", help="folder of bench.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
-    if unknown := only - {"sampling", "sft", "reward", "rl"}:
+    if unknown := only - set(BENCHMARKS):
         parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}")
-    cfg, results, m = PRESETS[args.size], {}, machine()  # load average before our own runs add to it
+    from runtime import LaunchError, resolve_device
+    try:
+        device = resolve_device(args.device)
+    except LaunchError as e:
+        parser.error(str(e))
+    cfg, results, m = PRESETS[args.size], {}, machine(device)  # load average before our own runs add to it
     if "sampling" in only:
         results["sampling"] = bench_sampling(cfg, repeats=args.repeats, size=args.size)
     if "sft" in only:
@@ -292,8 +570,13 @@ def main(argv=None):
         results["reward"] = bench_reward_share(cfg, repeats=args.repeats)
     if "rl" in only:
         results["rl"] = bench_rl_iteration(cfg, repeats=args.repeats)
+    if "train" in only:
+        results["train"] = bench_train(args.size, device, args.dtype, args.repeats, batch_size=args.batch_size,
+                                       prompts=args.prompts, compile=args.compile,
+                                       grad_checkpoint=args.grad_checkpoint)
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
-          f"load {m['load_1min']:.1f}, preset {args.size}, median of {args.repeats} after one warm-up\n")
+          f"load {m['load_1min']:.1f}{gpu}, preset {args.size}, median of {args.repeats} after one warm-up\n")
     print(table(results))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     report = {"machine": m, "size": args.size, "repeats": args.repeats, "command": " ".join(sys.argv), **results}
