@@ -537,7 +537,7 @@ BENCHMARKS = ("sampling", "sft", "reward", "rl", "train")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="tiny", choices=list(PRESETS))
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated: {','.join(BENCHMARKS)}")
     parser.add_argument("--repeats", type=int, default=3)
