@@ -9,8 +9,13 @@ wrap the model, to open the autocast region of the forward passes, and to sum a 
 
 In a distributed run every rank holds an equal share of each global batch (the batch is the same as
 in one process: --batch-size / --batch-prompts are global), gradients are averaged by DDP/FSDP with
-each rank's loss weighted by its share of the tokens, so an update equals the single-process update
-of the same global batch; rank 0 alone writes checkpoints, metrics and plots.
+each rank's loss weighted by its share of the tokens, so an SFT step equals the single-process step
+of the same global batch (tests/test_runtime.py: to 1e-5). In RL each rank also shuffles its own
+prompts into the PPO minibatches, so with more than one minibatch the minibatches are composed
+differently from one process's — the same expected update, not the same numbers; with one minibatch
+an iteration agrees with `torchrun --nproc_per_node=1` (a distributed run draws the sampling noise of
+the whole global batch at once, a plain run step by step, so a plain run samples other responses).
+Rank 0 alone writes checkpoints, metrics and plots.
 """
 import contextlib
 import os
