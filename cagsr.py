@@ -492,7 +492,7 @@ def train_rl(policy, reference, prompts, reward_fn, cfg: PPOConfig, last_layers:
         policy.load_state_dict(ck["model"]), value_head.load_state_dict(ck["value_head"])
     # FSDP: sampling runs the layers a token at a time outside the model's forward, so per-layer
     # shards would be all-gathered at every step; one group is gathered once per rollout instead
-    # (gradients and Adam states, most of the memory, stay sharded)
+    # (the Adam states, the largest part, stay sharded; see memory_plan)
     model = rt.prepare(ActorCritic(policy, value_head), cfg.baseline != "value", shard_layers=False)
     reference.to(rt.device)
     policy, value_head = rt.unwrap(model).policy, rt.unwrap(model).value_head

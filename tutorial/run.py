@@ -5,8 +5,10 @@ printed into the ```output block under it, so the numbers in a chapter always co
     python tutorial/run.py 03 05      # chapters whose file name starts with 03 or 05
     python tutorial/run.py --check    # execute only, leave the Markdown as it is
 
-Chapters run from the repository root (or `root`), write their runs under runs/tutorial/ and their
-figures under tutorial/figures/; the blocks of one chapter share one namespace, chapters do not.
+Chapters run from the repository root, write their runs under runs/tutorial/ and their figures under
+tutorial/figures/; the blocks of one chapter share one namespace, chapters do not. Torch runs them on
+THREADS threads: the outputs were made so, and another thread count sums in another order, which
+after hundreds of training steps gives other numbers.
 """
 import argparse
 import contextlib
@@ -16,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+THREADS = 2
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # a ```python block, optionally followed by the ```output block a previous run wrote under it
@@ -31,14 +36,19 @@ def run_chapter(path: Path, write=True) -> list[str]:
     """Execute the chapter's python blocks in order; return what each printed (and, if `write`, put
     that into the Markdown as the block's output)."""
     text, namespace, outputs = path.read_text(), {"__name__": "__tutorial__"}, []
-    for i, m in enumerate(BLOCK.finditer(text)):
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            try:
-                exec(compile(m["code"], f"{path.name}, block {i + 1}", "exec"), namespace)
-            except SystemExit as e:  # a cagsr.main(...) call that failed
-                raise RuntimeError(f"{path.name}, block {i + 1}: the command exited with status {e.code}")
-        outputs.append(buf.getvalue())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        for i, m in enumerate(BLOCK.finditer(text)):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                try:
+                    exec(compile(m["code"], f"{path.name}, block {i + 1}", "exec"), namespace)
+                except SystemExit as e:  # a cagsr.main(...) call that failed
+                    raise RuntimeError(f"{path.name}, block {i + 1}: the command exited with status {e.code}") from e
+            outputs.append(buf.getvalue())
+    finally:
+        torch.set_num_threads(threads)
     if write:
         it = iter(outputs)
 
