@@ -225,8 +225,8 @@ def sft(args) -> Path:
     val = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "validation", args.data)], mcfg.max_len)
     val = val[:: max(1, len(val) // cfg.eval_pairs)][: cfg.eval_pairs]
     if args.rt.main:
-        atomic_write_text(run / "config.json", json.dumps({"size": args.size, "model": asdict(mcfg), "sft": asdict(cfg)},
-                                                          indent=2))
+        config = {"size": args.size, "model": asdict(mcfg), "sft": asdict(cfg)}
+        atomic_write_text(run / "config.json", json.dumps(config, indent=2))
     rt = args.rt
     model, metrics = train_sft(mcfg, cfg, train, val, run, args.seed, rt, size=args.size)
     state = rt.model_state(model)
@@ -541,12 +541,14 @@ def train_rl(policy, reference, prompts, reward_fn, cfg: PPOConfig, last_layers:
             warn_reward_hacking(history, bar)
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             state = rt.model_state(model)
+            head = {k.removeprefix("value_head."): v for k, v in state.items() if k.startswith("value_head.")}
             ck = {**checkpoint(policy, size, policy_state(state)), "optimizer": rt.optimizer_state(model, opt),
-                  "value_head": {k.removeprefix("value_head."): v for k, v in state.items() if k.startswith("value_head.")},
+                  "value_head": head,
                   "order": order.get_state(), "rng": torch.get_rng_state(), "kl_coef": kl_ctl.coef, "step": it + 1}
             if rt.main:
                 atomic_save(ck, last)
-        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("reward", "coverage", "focus", "repeat", "kl", "length") if k in row})
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("reward", "coverage", "focus", "repeat", "kl", "length")
+                         if k in row})
         bar.update()
     bar.close()
     return model, metrics
@@ -663,7 +665,8 @@ def memory_plan(size: str, dtype="bf16", batch_prompts=64, samples=4, minibatche
     half = 2 if dtype == "bf16" else 4
     tokens = batch_prompts * samples // minibatches // gpus * 2 * cfg.max_len
     blocks = cfg.n_enc_layers + 2 * cfg.n_dec_layers  # a decoder layer has two attention blocks
-    per_token = cfg.d_model * half if grad_checkpoint else (34 * cfg.d_model + 5 * cfg.n_heads * cfg.max_len) * half // 2
+    per_token = (cfg.d_model * half if grad_checkpoint
+                 else (34 * cfg.d_model + 5 * cfg.n_heads * cfg.max_len) * half // 2)
     gib = 2**30
     plan = {"parameters": params, "weights": 4 * trained / gib, "gradients": 4 * trained / gib,
             "adam": 8 * trained / gib / (gpus if distributed == "fsdp" else 1), "reference": half * params / gib,

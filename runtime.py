@@ -103,7 +103,8 @@ class Runtime:
     def optimizer_state(self, model, opt) -> dict:
         if self.distributed == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-            return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(model, opt, options=full)
         return opt.state_dict()
 
     def load_optimizer_state(self, model, opt, state: dict):
@@ -125,10 +126,10 @@ class Runtime:
         rank's share of what was averaged), min/max over the ranks for *_min/*_max."""
         if self.world == 1:
             return values
-        out = {}
+        out, ops = {}, {"_min": dist.ReduceOp.MIN, "_max": dist.ReduceOp.MAX}
         for k, v in values.items():
-            op = dist.ReduceOp.MIN if k.endswith("_min") else dist.ReduceOp.MAX if k.endswith("_max") else dist.ReduceOp.SUM
-            t = torch.tensor(v if op != dist.ReduceOp.SUM else v * weight, dtype=torch.float64, device=self.device)
+            op = ops.get(k[-4:], dist.ReduceOp.SUM)
+            t = torch.tensor(v * weight if op == dist.ReduceOp.SUM else v, dtype=torch.float64, device=self.device)
             dist.all_reduce(t, op=op)
             out[k] = t.item()
         return out

@@ -45,7 +45,8 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_close_losses():
     loss_bf16 = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tgt)
     loss_bf16.backward()
     assert loss_bf16.item() == pytest.approx(loss, rel=1e-2)
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())  # ... not the weights
+    # ... not the weights
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
 @pytest.mark.parametrize("flags, words", [(["--device", "cuda"], ["--device cuda", "no CUDA"]),
