@@ -366,8 +366,8 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
       PPOConfig()) and `prompts` prompts per iteration if given; prompts are max_len/2 tokens and EOS is
       banned so every response has max_new_tokens tokens. Tokens/s counts the generated tokens (B·N·T)
       per second of the whole iteration; its model FLOPs are sampling (F_fwd of the rollout), the
-      reference's forward (F_fwd) and epochs × 3·F_fwd of the update (the second encoder pass of
-      V_old recomputes what sampling computed: not counted).
+      reference's forward (F_fwd) and epochs × 3·F_fwd of the update (V_old reads the encoder states
+      of the sampling pass).
 
     MFU = model FLOPs / seconds / peak, where peak is the highest of three matmul_peak(device, dtype)
     measurements — before SFT, between SFT and RL, after RL — so that a peak caught while other work

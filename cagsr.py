@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import evaluate
 import runtime
+from runtime import GPUS, memory_plan
 from data import DATA_DIR, DATASETS, SPLITS, DataError, format_stats, length_stats, load_split
 from data.tokenizer import Tokenizer, train_tokenizer, training_texts
 from model import PRESETS, Transformer
@@ -644,35 +645,7 @@ def score_method(args, method: str, seed: int, judge):
                                                         f"{s['oracle']:.2f}" for d, s in scores.items()))
 
 
-# ---- memory plan for a GPU run ---------------------------------------------------------------
-
-GPUS = {"RTX 4090 / L4 (24 GB)": 24, "A100 40GB": 40, "A100 / H100 80GB": 80, "H200 (141 GB)": 141}
-
-
-def memory_plan(size: str, dtype="bf16", batch_prompts=64, samples=4, minibatches=4, grad_checkpoint=False,
-                gpus=1, distributed=None) -> dict:
-    """Estimated GiB per process of RL training: fp32 master weights, gradients and Adam moments of
-    policy and value head; the frozen reference in `dtype`; the activations of this process's part of
-    one PPO minibatch of padded (prompt + response) sequences. Over `gpus` processes the prompts are
-    split; FSDP also shards the Adam moments (weights and gradients are whole while a step runs: RL
-    gathers the model as one group, see cagsr.train_rl). Per token and attention block we count
-    34·D + 5·H·L bytes in mixed precision (Korthikanti et al. 2022; twice that in fp32), or one stored
-    D-vector with gradient checkpointing; the fp32 logits and their gradient add 8·V bytes per token."""
-    cfg = PRESETS[size]
-    with torch.device("meta"):
-        params = Transformer(cfg).num_parameters()
-    trained = params + cfg.d_model * cfg.d_model + 2 * cfg.d_model + 1  # policy + value head
-    half = 2 if dtype == "bf16" else 4
-    tokens = batch_prompts * samples // minibatches // gpus * 2 * cfg.max_len
-    blocks = cfg.n_enc_layers + 2 * cfg.n_dec_layers  # a decoder layer has two attention blocks
-    per_token = (cfg.d_model * half if grad_checkpoint
-                 else (34 * cfg.d_model + 5 * cfg.n_heads * cfg.max_len) * half // 2)
-    gib = 2**30
-    plan = {"parameters": params, "weights": 4 * trained / gib, "gradients": 4 * trained / gib,
-            "adam": 8 * trained / gib / (gpus if distributed == "fsdp" else 1), "reference": half * params / gib,
-            "activations": (tokens * blocks * per_token + tokens * cfg.vocab_size * 8) / gib}
-    plan["total"] = sum(v for k, v in plan.items() if k != "parameters")
-    return plan
+# ---- memory plan for a GPU run (runtime.memory_plan) -------------------------------------------
 
 
 def plan_cmd(args):

@@ -158,6 +158,8 @@ class Rollout:
     logprobs: torch.Tensor  # [B·N, T] log π of each sampled token under the sampling distribution
     mask: torch.Tensor  # [B·N, T] bool: True up to and including the EOS
     cross_attn: torch.Tensor | None  # [B·N, T, S] Ā of the last L' decoder layers (0 where masked)
+    memory: torch.Tensor | None = None  # [B, S, D] encoder states, once per prompt (the value head reads them)
+    src_mask: torch.Tensor | None = None  # [B, 1, 1, S] True = real prompt token
 
 
 class Transformer(nn.Module):
@@ -292,7 +294,8 @@ class Transformer(nn.Module):
             if done.all():
                 break
         T = int(mask.sum(dim=1).max())
-        return Rollout(tokens[:, :T], logprobs[:, :T], mask[:, :T], attn[:, :T] if attn is not None else None)
+        return Rollout(tokens[:, :T], logprobs[:, :T], mask[:, :T], attn[:, :T] if attn is not None else None,
+                       memory, src_mask)
 
     @staticmethod
     def choose(logits, temperature, top_k, top_p, greedy, u=None):

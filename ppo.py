@@ -209,8 +209,7 @@ def collect_rollout(policy, value_head, reference, src, reward_fn, cfg: PPOConfi
     dec_in = with_bos(r.tokens, policy.cfg.bos_id)[:, :-1]
     ref_logp = token_logprobs(reference(src, dec_in)[0], r.tokens, cfg.temperature)[0] * r.mask
     times = {"t_sample": t1 - t0, "t_reward": t2 - t1, "t_reference": time.perf_counter() - t2}
-    memory, src_mask = policy.encode(src)
-    v_old = value_head(memory, src_mask).repeat_interleave(n)  # [B·N]
+    v_old = value_head(r.memory, r.src_mask).repeat_interleave(n)  # [B·N], from the sampling pass's encoder
     kl = kl_per_token(r.logprobs, ref_logp) * r.mask
     returns = returns_to_go(reward, kl, kl_coef, r.mask)
     baseline = v_old if cfg.baseline == "value" else group_baseline(returns[:, 0], n)
