@@ -1,4 +1,6 @@
-"""Shared fixtures: a real run directory made through the command line, and CLI helpers."""
+"""Shared fixtures: a real run directory made through the command line, the seed of the learning-effect
+tests, and CLI helpers."""
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -9,6 +11,11 @@ import pytest
 import cagsr
 
 ROOT = Path(__file__).resolve().parents[1]
+# A test marked `learning` asserts a learning effect (a loss falls, a reward rises, a model ranks well). Another
+# processor rounds differently and takes training down another path, so such an effect must hold for every seed
+# with margin, not only for the default one. The seed sweep that checks it (each test records its margin):
+#   for s in 0 1 2 3 4; do CAGSR_TEST_SEED=$s python -m pytest -m learning --junitxml=seed$s.xml; done
+SEED = int(os.environ.get("CAGSR_TEST_SEED", "0"))
 
 
 def run_cli(*args, timeout=600):
@@ -23,6 +30,12 @@ def assert_one_line_error(proc, *words):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for w in words:
         assert w in lines[0], lines[0]
+
+
+@pytest.fixture
+def seed():
+    """The seed of a learning-effect test: 0, or CAGSR_TEST_SEED for the seed sweep."""
+    return SEED
 
 
 @pytest.fixture(scope="session")

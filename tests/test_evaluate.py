@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
+from conftest import SEED
 from data import load_split
 from evaluate import (
     JudgeError,
@@ -223,7 +224,7 @@ def test_missing_or_corrupt_head_is_refused(tmp_path):
 def trained(tmp_path_factory):
     """A judge trained on 150 items of each training split (the real one uses 2000)."""
     path = tmp_path_factory.mktemp("judge") / "judge.pt"
-    judge, accuracy = RelevanceJudge.train(path, n_train=150, n_val=40)
+    judge, accuracy = RelevanceJudge.train(path, n_train=150, n_val=40, seed=SEED)
     return path, judge, accuracy
 
 
@@ -235,8 +236,10 @@ def test_encoder_matches_sentence_transformers(trained):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
-def test_judge_prefers_own_reference_to_an_off_topic_one(trained, references):
+@pytest.mark.learning
+def test_judge_prefers_own_reference_to_an_off_topic_one(trained, references, record_property):
     _, judge, accuracy = trained
+    record_property("validation_accuracy", accuracy)
     assert accuracy > 0.8
     rng = random.Random(2)
     for records in references.values():
@@ -257,10 +260,12 @@ def test_saved_judge_loads_and_scores_the_same(trained):
         judge.score(prompts, responses[:1])
 
 
-def test_score_responses_on_the_references(trained, references):
+@pytest.mark.learning
+def test_score_responses_on_the_references(trained, references, record_property):
     judge = trained[1]
     records = references["qa"][:20]
     out = score_responses(records, [r["response"] for r in records], judge)
+    record_property("relevance_of_references", out["relevance"])
     assert out["rouge_l"] == 1.0 and out["oracle"] == 5.0 and out["fact_accuracy"] == 1.0
     assert out["relevance"] > 0.8
     assert {"mean_length", "distinct_2", "repeat", "empty"} <= out.keys()

@@ -162,19 +162,23 @@ def run_rl(tmp_path, cfg=PPO, weights=None, seed=0, policy=None):
     return cagsr.Metrics(tmp_path / "metrics.jsonl").read("rl")
 
 
-def test_a_short_run_raises_the_cagsr_reward(tmp_path):
-    """A policy that starts out stuttering (token 10 has logit 3, the rest ≈ 0, so P(10) ≈ 0.35 a step)
-    earns a large repetition penalty. Ten PPO iterations with the paper's α, β, γ on 8 fixed prompts
-    must raise the mean reward by far more than its noise; with the policy-gradient sign flipped the
-    reward falls instead (from −1.43 to −1.59 when we tried)."""
-    policy = fresh_policy()
+@pytest.mark.learning
+def test_a_short_run_raises_the_cagsr_reward(tmp_path, seed, record_property):
+    """A policy that starts out stuttering (token 10 gets logit ≈ 2.5, the rest ≈ 0) earns a large
+    repetition penalty. Ten PPO iterations with the paper's α, β, γ on 8 fixed prompts must remove most
+    of it and raise the mean reward by far more than its noise. Seeds 0–7: the first repeat penalty is 0.27–0.84, the gain 0.27–0.84, the last
+    repeat ≤ 0.004. (A logit of 3 made seed 2's policy so sure of token 10 that its four samples were
+    identical and the group baseline left no advantage: no learning, whatever the code.)"""
+    policy = fresh_policy(seed)
     with torch.no_grad():
         policy.dec_norm.bias[0] = 1.0
-        policy.embed.weight[10, 0] = 3.0
-    rows = run_rl(tmp_path, replace(PPO, iterations=10, kl_coef=0.0, checkpoint_every=100), policy=policy)
+        policy.embed.weight[10, 0] = 2.5
+    rows = run_rl(tmp_path, replace(PPO, iterations=10, kl_coef=0.0, checkpoint_every=100), seed=seed, policy=policy)
     first, last = rows[0], rows[-1]
-    assert last["reward"] > first["reward"] + 0.3, (first["reward"], last["reward"])
-    assert last["repeat"] < first["repeat"] / 2
+    record_property("reward_gain", last["reward"] - first["reward"])
+    record_property("repeat_last_over_first", last["repeat"] / first["repeat"])
+    assert last["reward"] > first["reward"] + 0.2, (first["reward"], last["reward"])
+    assert last["repeat"] < first["repeat"] / 4
 
 
 def test_interrupted_rl_resumes_to_the_same_numbers(tmp_path, monkeypatch):

@@ -124,28 +124,32 @@ def test_flip_rate_matches_annotator_disagreement(records):
 # ---- training ------------------------------------------------------------------------------------
 
 
-def test_classifier_rm_separates_good_from_bad(tok, records):
+@pytest.mark.learning
+def test_classifier_rm_separates_good_from_bad(tok, records, seed, record_property):
     train, held_out = records["qa"][:100], load_split("qa", "validation")[:100]
-    rm = fresh_rm()
-    losses = train_classifier_rm(rm, tok, synthetic_labels(train, None, random.Random(0), kinds=STRUCTURAL),
-                                 steps=60, batch_size=32, lr=3e-3, seed=0)
+    rm = fresh_rm(seed)
+    losses = train_classifier_rm(rm, tok, synthetic_labels(train, None, random.Random(seed), kinds=STRUCTURAL),
+                                 steps=60, batch_size=32, lr=3e-3, seed=seed)
     assert len(losses) == 60 and sum(losses[-10:]) < sum(losses[:10])
     test = synthetic_labels(held_out, None, random.Random(1), kinds=STRUCTURAL)
     scores = score_texts(rm, tok, [p for p, _, _ in test], [y for _, y, _ in test])
     accuracy = sum((s > 0) == (label == 1) for s, (_, _, label) in zip(scores.tolist(), test)) / len(test)
+    record_property("held_out_accuracy", accuracy)
     assert accuracy >= 0.75
 
 
-def test_bradley_terry_rm_ranks_chosen_above_rejected(tok, records):
+@pytest.mark.learning
+def test_bradley_terry_rm_ranks_chosen_above_rejected(tok, records, seed, record_property):
     train, held_out = records["instruct"][:200], load_split("instruct", "validation")[:100]
-    rm = fresh_rm()
-    pairs = human_preference_pairs(train, *degraded_pairs(train, 0), flip=0.0, rng=random.Random(0))
-    losses = train_bradley_terry_rm(rm, tok, pairs, steps=60, batch_size=32, lr=3e-3, seed=0)
+    rm = fresh_rm(seed)
+    pairs = human_preference_pairs(train, *degraded_pairs(train, seed), flip=0.0, rng=random.Random(seed))
+    losses = train_bradley_terry_rm(rm, tok, pairs, steps=60, batch_size=32, lr=3e-3, seed=seed)
     assert losses[0] == pytest.approx(0.6931, abs=1e-4)  # zero head: r ≡ 0, −log σ(0) = log 2
     test = human_preference_pairs(held_out, *degraded_pairs(held_out, 1), flip=0.0, rng=random.Random(1))
     prompts = [p for p, _, _ in test]
     chosen = score_texts(rm, tok, prompts, [c for _, c, _ in test])
     rejected = score_texts(rm, tok, prompts, [x for _, _, x in test])
+    record_property("held_out_pair_accuracy", (chosen > rejected).float().mean().item())
     assert (chosen > rejected).float().mean() >= 0.75
 
 

@@ -35,8 +35,9 @@ def test_gradient_checkpointing_recomputes_the_same_gradients():
         torch.testing.assert_close(grads_ckpt[n], grads[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
-def test_bf16_autocast_keeps_fp32_master_weights_and_close_losses():
-    torch.manual_seed(0)
+@pytest.mark.learning
+def test_bf16_autocast_keeps_fp32_master_weights_and_close_losses(seed, record_property):
+    torch.manual_seed(seed)
     model, src, tgt = Transformer(CFG), torch.randint(4, 100, (4, 12)), torch.randint(4, 100, (4, 9))
     loss, _ = loss_and_grads(model, src, tgt)
     with setup("cpu", "bf16").autocast():
@@ -44,6 +45,7 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_close_losses():
     assert logits.dtype == torch.bfloat16  # the matmuls ran in bf16 ...
     loss_bf16 = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tgt)
     loss_bf16.backward()
+    record_property("relative_loss_difference", abs(loss_bf16.item() - loss) / loss)
     assert loss_bf16.item() == pytest.approx(loss, rel=1e-2)
     # ... not the weights
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
