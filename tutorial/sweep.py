@@ -9,14 +9,22 @@ starts from that model, so the whole story is retold from a different starting p
 practical stand-in for another processor: a different CPU rounds differently, an RL run amplifies the
 difference, and a fact that holds for five seeds with margin is one we can state for any machine.
 
+`--reuse` executes the chapters again over the runs a previous sweep left in runs/sweep/seed<k>/ (a
+chapter's lines that delete earlier runs become `pass`, so every RL run is reused and only the evaluation
+is recomputed): the way to check a rewritten assert or a new printout against every seed in minutes,
+as long as the code that trains is unchanged.
+
 A failing assert does not stop a seed's run; it is recorded (chapter, block, line) and the next block
 runs. For every chapter the sweep keeps the scalar results the chapter computed (its top-level numbers
 and dicts of numbers), and writes everything to tutorial/sweep.json, which the chapters read to show
 the spread over seeds next to seed 0's story.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,17 +37,18 @@ RESULTS = HERE / "sweep.json"
 
 
 def scalars(namespace: dict) -> dict:
-    """The numbers a chapter computed: top-level ints/floats and dicts of them (keys joined by '/')."""
+    """The numbers a chapter computed: top-level ints/floats, 0-d tensors and (small) dicts of them, keys
+    joined by '/'."""
     out = {}
 
     def walk(prefix, value, depth):
-        if isinstance(value, bool) or depth > 3:
+        if isinstance(value, bool) or depth > 5:
             return
         if isinstance(value, (int, float)):
             out[prefix] = float(value)
         elif hasattr(value, "ndim") and getattr(value, "ndim", 1) == 0 and hasattr(value, "item"):
             out[prefix] = float(value.item())
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and len(value) <= 100:  # not lookup tables such as an IDF
             for k, v in value.items():
                 walk(f"{prefix}/{'/'.join(map(str, k)) if isinstance(k, tuple) else k}", v, depth + 1)
 
@@ -49,7 +58,10 @@ def scalars(namespace: dict) -> dict:
     return out
 
 
-def run_seed(seed: int, threads: int) -> dict:
+DELETES = re.compile(r"^(\s*).*(shutil\.rmtree|\.unlink\().*$", re.M)  # a chapter's "start from a clean slate"
+
+
+def run_seed(seed: int, threads: int, reuse=False) -> dict:
     """Every chapter for one seed, in the current directory; failures are recorded, not raised."""
     import importlib.util
 
@@ -60,22 +72,25 @@ def run_seed(seed: int, threads: int) -> dict:
     spec.loader.exec_module(run)
     run.THREADS = threads
     Path("tutorial/figures").mkdir(parents=True, exist_ok=True)
-    report = {}
+    report, printed = {}, {}
     for path in run.chapters():
         t0, failures, namespace = time.time(), [], {"__name__": "__tutorial__"}
         torch.set_num_threads(threads)
         for i, m in enumerate(run.BLOCK.finditer(path.read_text())):
-            name = f"{path.name}, block {i + 1}"
+            name, code = f"{path.name}, block {i + 1}", DELETES.sub(r"\1pass", m["code"]) if reuse else m["code"]
+            buf = io.StringIO()
             try:
-                with open(os.devnull, "w") as null, __import__("contextlib").redirect_stdout(null):
-                    exec(compile(m["code"], name, "exec"), namespace)
+                with contextlib.redirect_stdout(buf):
+                    exec(compile(code, name, "exec"), namespace)
             except BaseException as e:  # noqa: BLE001 - a sweep records every kind of failure
                 frame = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == name]
                 line = frame[-1].lineno if frame else 0
-                text = m["code"].splitlines()[line - 1].strip() if line else ""
+                text = code.splitlines()[line - 1].strip() if line else ""
                 failures.append({"block": i + 1, "line": line, "code": text, "error": f"{type(e).__name__}: {e}"[:300]})
+            printed[name] = buf.getvalue()
         report[path.name] = {"seconds": round(time.time() - t0, 1), "failures": failures, "values": scalars(namespace)}
         print(f"seed {seed}: {path.name} {time.time() - t0:.0f} s, {len(failures)} failure(s)", file=sys.stderr)
+    Path("printed.json").write_text(json.dumps(printed, indent=1))  # what each block printed, for reading
     return report
 
 
@@ -158,12 +173,13 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="seeds run at the same time (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "sweep", help="folder of the seeds' runs")
+    p.add_argument("--reuse", action="store_true", help="rerun the chapters over the RL runs of a previous sweep")
     p.add_argument("--report", action="store_true", help="print the last sweep's table and exit")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one seed here
     args = p.parse_args(argv)
     if args.one is not None:
         sys.path.insert(0, str(REPO))
-        print(json.dumps(run_seed(args.one, args.threads)))
+        print(json.dumps(run_seed(args.one, args.threads, args.reuse)))
         return
     if args.report:
         return report(json.loads(RESULTS.read_text())["seeds"])
@@ -175,8 +191,10 @@ def main(argv=None):
             d = args.out / f"seed{seed}"
             d.mkdir(parents=True, exist_ok=True)
             env = os.environ | {"TUTORIAL_SEED": str(seed), "OMP_NUM_THREADS": str(args.threads)}
+            if args.reuse and not (d / "runs" / "tutorial" / "sft.pt").exists():
+                sys.exit(f"error: --reuse needs a previous sweep's runs in {d}")
             procs[seed] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--one", str(seed),
-                                            "--threads", str(args.threads)], cwd=d, env=env,
+                                            "--threads", str(args.threads)] + ["--reuse"] * args.reuse, cwd=d, env=env,
                                            stdout=open(d / "report.json", "w"), stderr=open(d / "log.txt", "w"))
             print(f"sweep: seed {seed} started in {d} (progress: {d / 'log.txt'})", file=sys.stderr)
         time.sleep(2)
