@@ -362,7 +362,7 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
       pairs, prompt and response each max_len/2 tokens. Tokens/s counts prompt + response tokens.
     - RL: one iteration of train_rl — collect_rollout (sampling N responses per prompt with Ā of the
       last layer, the CAGSR reward, the reference's log-probs, V_old) and ppo_update (epochs ×
-      minibatches with ActorCritic), with the preset's PPOConfig (cagsr.RL_PRESETS, else
+      minibatches with ActorCritic), with the preset's PPOConfig (rl.RL_PRESETS, else
       PPOConfig()) and `prompts` prompts per iteration if given; prompts are max_len/2 tokens and EOS is
       banned so every response has max_new_tokens tokens. Tokens/s counts the generated tokens (B·N·T)
       per second of the whole iteration; its model FLOPs are sampling (F_fwd of the rollout), the
@@ -373,7 +373,8 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
     measurements — before SFT, between SFT and RL, after RL — so that a peak caught while other work
     slowed the machine cannot inflate MFU (all three are in "peak_runs"). Timings: one warm-up step
     (iteration), then the median of `repeats`; on a GPU also the peak memory allocated (GiB)."""
-    from cagsr import RL_PRESETS, SFT_PRESETS, sequence_nll
+    from rl import RL_PRESETS
+    from sft import SFT_PRESETS, sequence_nll
     from ppo import ActorCritic, PPOConfig, ValueHead, collect_rollout, ppo_update
     from reward import AttentionReward
     from runtime import setup

@@ -1,6 +1,7 @@
 """PPO for CAGSR (paper §4, §5, §7.2): value head, advantages, clipped surrogate, KL to the reference.
 
-One RL iteration, top to bottom in this file:
+The two halves of an RL iteration (the loop around them — drawing prompts, the KL controller, logging,
+checkpoints — is rl.train_rl):
 
     collect_rollout   sample N responses per prompt; reward R from the *sampling* pass's Ā; log-probs of
                       the frozen SFT reference; V_old(x) — all without gradient
@@ -25,25 +26,25 @@ from runtime import Runtime
 
 @dataclass(frozen=True)
 class PPOConfig:
-    iterations: int = 100
-    checkpoint_every: int = 10
+    iterations: int = 100  # RL iterations (one rollout and one PPO update each)
+    checkpoint_every: int = 10  # iterations between resumable checkpoints
     batch_prompts: int = 64  # prompts per iteration (§7.2)
     samples: int = 4  # N responses per prompt (§7.2)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # longest sampled response, in tokens
     temperature: float = 1.0  # sampling and log-prob recomputation use the same one
     lr: float = 1e-5  # Adam learning rate (§7.2; the tiny preset overrides it)
     clip_eps: float = 0.2  # ε of the clipped surrogate (§4, §7.2)
     value_clip: float = 0.2  # V may move at most this far from V_old per update; 0 = unclipped
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0
+    vf_coef: float = 0.5  # weight of the value loss (baseline "value" only)
+    ent_coef: float = 0.0  # entropy bonus
     kl_coef: float = 0.05  # β_KL of the per-token KL penalty to the SFT reference
     kl_target: float = 0.0  # > 0: adapt β_KL towards this KL per sequence (Ziegler et al. 2019)
-    kl_horizon: int = 10_000
+    kl_horizon: int = 10_000  # horizon of the adaptive β_KL, in responses (Ziegler et al. 2019)
     baseline: str = "value"  # "value": V_old(x) as in §4; "group": mean of the other N−1 samples
-    whiten: bool = True
-    epochs: int = 2
-    minibatches: int = 4
-    grad_clip: float = 1.0
+    whiten: bool = True  # whiten the advantages to mean 0, std 1
+    epochs: int = 2  # PPO epochs per iteration
+    minibatches: int = 4  # PPO minibatches per epoch
+    grad_clip: float = 1.0  # clip the gradient norm to this
 
 
 # ---- value head (§7.2: "shares the underlying layers ... a small feed-forward head") -------------

@@ -1,9 +1,15 @@
-"""Rewards the RL loop can optimise.
-
-Part 1 is the self-supervised reward of CAGSR (arXiv 2502.10482, §3.2), computed from the
-decoder's cross-attention alone:
+"""The self-supervised reward of CAGSR (arXiv 2502.10482, §3.2, with §6's entropy floor), computed
+from the decoder's cross-attention alone:
 
     R(x, y) = α·coverage(x, y) + β·focus(x, y) − γ·repeatPenalty(y)
+
+    1. RewardConfig      α, β, γ, the entropy floor, L', the n-gram order and the I_x selection: defined here once
+    2. I_x               important_token_mask (IDF and entities)
+    3. Ā                 aggregate_layers
+    4. the terms         coverage, attention_entropy, focus, repeat_penalty, cagsr_reward
+    5. for the RL loop   AttentionReward (a rollout → R and its terms), reward_for (from a run directory)
+
+The learned reward models of the baselines (§7.3) are in baselines.py.
 
 Every function below is a pure, batched tensor function. Shapes: B sequences, T response
 steps, S prompt tokens. Masks are bool, True = real token. Ā `[B, T, S]` is the aggregated
@@ -15,16 +21,32 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import string
-import tempfile
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-# ─── 1. I_x: the important prompt tokens ──────────────────────────────────────────────────────────
+from rundir import CLIError, atomic_write
+
+# ─── 1. The reward's configuration ────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    alpha: float = 1.0  # coverage weight α (§5, §7.2)
+    beta: float = 0.5  # focus weight β
+    gamma: float = 1.0  # repetition-penalty weight γ
+    entropy_floor: float = 0.0  # §6 floor h on attention entropy: sharper attention earns nothing more (0 = off)
+    last_layers: int = 1  # L' of §3.2: decoder layers averaged into Ā
+    ngram: int = 2  # n of the repetition penalty's n-grams
+    top_k: int = 3  # I_x: words of highest IDF per prompt (entities come on top)
+
+
+# ─── 2. I_x: the important prompt tokens ──────────────────────────────────────────────────────────
 # §3.2 assumes "a subset of crucial tokens I_x ⊆ {1, …, |x|} [found] by heuristics such as inverse
 # document frequency (IDF) or named entity recognition". Ours works on words, then marks every
 # letter/digit piece of a chosen word:
@@ -32,7 +54,6 @@ import torch
 #   - entities: capitalised words not starting a sentence, and words with a digit.
 # Padding, special tokens and pure punctuation pieces are never in I_x.
 
-DEFAULT_TOP_K = 3
 SPECIAL_IDS = (0, 1, 2, 3)  # <pad>, <s>, </s>, <unk>; pass the tokenizer's own ids if they differ
 WORD_START = "\u2581"  # "▁": sentencepiece marks the first piece of a word with it
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte fallback, e.g. "<0x41>"
@@ -54,17 +75,8 @@ def fit_idf(prompts: list[str]) -> dict[str, float]:
 
 
 def save_idf(idf: dict[str, float], path: str) -> None:
-    """Write the IDF table as JSON atomically: a crash leaves the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(idf, f, indent=0, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write the IDF table as JSON atomically (rundir.atomic_write)."""
+    atomic_write(Path(path), json.dumps(idf, indent=0, sort_keys=True))
 
 
 def load_idf(path: str) -> dict[str, float]:
@@ -144,7 +156,7 @@ def _important_words_per_prompt(
     if threshold is not None and top_k is not None:
         raise ValueError("give threshold or top_k, not both")
     if threshold is None and top_k is None:
-        top_k = DEFAULT_TOP_K
+        top_k = RewardConfig.top_k
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be ≥ 0, got {top_k}")
     if prompt_ids.numel() and not 0 <= prompt_ids.min() <= prompt_ids.max() < len(pieces):
@@ -170,7 +182,7 @@ def important_token_mask(
     """I_x of §3.2 as a mask: prompt_ids `[B, S]` → Bool `[B, S]`, True on every piece of a chosen word.
 
     pieces[i] is the sentencepiece string of id i; special_ids are (pad, bos, eos, unk). Choose words
-    by IDF with top_k (default 3) or threshold, not both; entities are always chosen.
+    by IDF with top_k (default RewardConfig.top_k) or threshold, not both; entities are always chosen.
     """
     mask = torch.zeros(prompt_ids.shape, dtype=torch.bool)  # [B, S]
     chosen = _important_words_per_prompt(prompt_ids, idf, pieces, special_ids, threshold, top_k, pad_id)
@@ -190,7 +202,7 @@ def important_words(
     ]
 
 
-# ─── 2. Ā: the cross-attention the reward reads ───────────────────────────────────────────────────
+# ─── 3. Ā: the cross-attention the reward reads ───────────────────────────────────────────────────
 
 
 def aggregate_layers(attn: torch.Tensor, last: int) -> torch.Tensor:
@@ -207,7 +219,7 @@ def aggregate_layers(attn: torch.Tensor, last: int) -> torch.Tensor:
     return attn[-last:].mean(dim=0)  # [B, T, S]: mean over the last L' layers
 
 
-# ─── 3. The three terms of R(x, y) ────────────────────────────────────────────────────────────────
+# ─── 4. The three terms of R(x, y) ────────────────────────────────────────────────────────────────
 
 ROW_SUM_TOL = 1e-3
 
@@ -271,7 +283,8 @@ def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
     return -(attn * attn.clamp(min=tiny).log()).sum(dim=-1)  # [B, T]
 
 
-def focus(attn: torch.Tensor, response_mask: torch.Tensor, entropy_floor: float = 0.0) -> torch.Tensor:
+def focus(attn: torch.Tensor, response_mask: torch.Tensor, entropy_floor: float = RewardConfig.entropy_floor
+          ) -> torch.Tensor:
     """§3.2, focus, with the §6 entropy floor h: focus(x, y) = −(1/|y|) Σ_t max(entropy(A_t), h).
 
     With h = 0 this is the paper's focus exactly, in [−log(#real prompt tokens), 0]. A floor
@@ -283,7 +296,8 @@ def focus(attn: torch.Tensor, response_mask: torch.Tensor, entropy_floor: float 
     return -_mean_over_response(entropy, response_mask)  # [B]
 
 
-def repeat_penalty(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int = 2) -> torch.Tensor:
+def repeat_penalty(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int = RewardConfig.ngram
+                   ) -> torch.Tensor:
     """§3.2, repeatPenalty(y): the share of y's n-grams that already occurred earlier in y.
 
     repeatPenalty(y) = #{i : g_i = g_k for some k < i} / #{n-grams g_i of y}, in [0, 1]; an
@@ -324,15 +338,15 @@ def cagsr_reward(
     important: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
-    alpha: float = 1.0,
-    beta: float = 0.5,
-    gamma: float = 1.0,
-    entropy_floor: float = 0.0,
-    n: int = 2,
+    alpha: float = RewardConfig.alpha,
+    beta: float = RewardConfig.beta,
+    gamma: float = RewardConfig.gamma,
+    entropy_floor: float = RewardConfig.entropy_floor,
+    n: int = RewardConfig.ngram,
 ) -> RewardBreakdown:
     """§3.2, R: R(x, y) = α·coverage(x, y) + β·focus(x, y) − γ·repeatPenalty(y).
 
-    Defaults α = 1.0, β = 0.5, γ = 1.0 are the paper's (§5, grid search); attn is Ā `[B, T, S]`.
+    The defaults are RewardConfig's, the paper's α = 1.0, β = 0.5, γ = 1.0 (§5, grid search); attn is Ā `[B, T, S]`.
     """
     if response_ids.shape != response_mask.shape:
         raise ValueError(
@@ -361,17 +375,17 @@ def worked_example() -> dict[str, torch.Tensor]:
     }
 
 
-# ─── 3. The reward the RL loop calls ──────────────────────────────────────────────────────────────
+# ─── 5. The reward the RL loop calls ──────────────────────────────────────────────────────────────
 
 
 class AttentionReward:
     """R(x, y) of §3.2 for a whole rollout: I_x of each prompt, then `cagsr_reward` on the Ā that the
     sampling pass recorded (no second forward pass, no gradient). The ablations of §7.6 set a weight to 0."""
 
-    def __init__(self, idf: dict[str, float], pieces: list[str], special_ids=SPECIAL_IDS, alpha=1.0, beta=0.5,
-                 gamma=1.0, entropy_floor=0.0, n=2, top_k=DEFAULT_TOP_K):
-        self.idf, self.pieces, self.special_ids, self.top_k = idf, pieces, tuple(special_ids), top_k
-        self.weights = {"alpha": alpha, "beta": beta, "gamma": gamma, "entropy_floor": entropy_floor, "n": n}
+    def __init__(self, idf: dict[str, float], pieces: list[str], special_ids=SPECIAL_IDS, cfg=RewardConfig()):
+        self.idf, self.pieces, self.special_ids, self.top_k = idf, pieces, tuple(special_ids), cfg.top_k
+        self.weights = {"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "entropy_floor": cfg.entropy_floor,
+                        "n": cfg.ngram}
 
     def __call__(self, rollout, src: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """rollout: tokens/mask [B·N,T], cross_attn [B·N,T,S]; src [B,S] -> R [B·N] and its terms."""
@@ -387,245 +401,10 @@ class AttentionReward:
                          "below_floor": _mean_over_response(below, rollout.mask)}
 
 
-# ─── 4. Learned reward models of the baselines (§7.3) ─────────────────────────────────────────────
-# §7.3 compares CAGSR with two RL baselines whose reward is a *learned* model: Synthetic Preference RL
-# (a classifier trained on automatically labelled good/bad responses) and Human Preference RL
-# (Limited) (a Bradley–Terry model trained on pairwise preferences; ours come from the simulated
-# oracle of evaluate.py, with §2.2's annotator disagreement as random flips). Both are the policy's
-# own Transformer plus a scalar head; `LearnedReward` hands either to the RL loop, and `SumReward`
-# adds it to the CAGSR reward for the hybrid of §9.
-
-import copy  # imported here, not at the top: only this section needs a model and the evaluator
-import random
-
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
-
-import evaluate
-from model import Transformer
-
-
-def decoder_states(model: Transformer, src: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
-    """§7.3 reward-model body: the final, normalised decoder states of a teacher-forced pass (no logits).
-
-    src [B,S], dec_in [B·N,T] (BOS + response; N rows per prompt) -> [B·N,T,D].
-    """
-    memory, src_mask = model.encode(src)  # [B,S,D], [B,1,1,S]
-    return model.dec_norm(model.decoder_states(memory, src_mask, dec_in)[0])  # [B·N,T,D]
-
-
-class PreferenceRewardModel(nn.Module):
-    """§7.3 "a small reward model": a copy of the SFT Transformer + a linear head -> scalar r(x, y)."""
-
-    def __init__(self, policy: Transformer):
-        super().__init__()
-        self.body = copy.deepcopy(policy)  # starts from the SFT policy: it already reads prompts and answers
-        self.head = nn.Linear(policy.cfg.d_model, 1)
-        nn.init.zeros_(self.head.weight)  # r ≡ 0 at first: the BT/BCE loss starts at log 2
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, src: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """§7.3 r(x, y): src [B,S], tokens and mask [B·N,T] (response incl. EOS) -> [B·N]."""
-        bos = torch.full_like(tokens[:, :1], self.body.cfg.bos_id)
-        h = decoder_states(self.body, src, torch.cat([bos, tokens], dim=1))[:, 1:]  # [B·N,T,D]: states at y_t
-        # Masked mean, not the last token's state: every response position then gets a gradient, and in
-        # a 60-step budget it separated references from loops/truncations better (0.94 vs 0.89 held out).
-        m = mask.unsqueeze(-1).to(h.dtype)  # [B·N,T,1]
-        return self.head((h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).squeeze(-1)  # [B·N]
-
-
-def encode_texts(tok, prompts: list[str], responses: list[str], max_len: int):
-    """§7.3 RM input: texts -> src [B,S], tokens [B,T] (response + EOS, cut to max_len), mask [B,T]."""
-    src = pad_sequence([torch.tensor(tok.encode(p)) for p in prompts], batch_first=True, padding_value=tok.pad_id)
-    ys = [torch.tensor(tok.encode(r, eos=True)[:max_len]) for r in responses]
-    tokens = pad_sequence(ys, batch_first=True, padding_value=tok.pad_id)  # [B,T]
-    mask = torch.arange(tokens.shape[1]) < torch.tensor([len(y) for y in ys])[:, None]  # [B,T]
-    return src, tokens, mask
-
-
-def score_texts(rm: PreferenceRewardModel, tok, prompts: list[str], responses: list[str], batch_size=128):
-    """§7.3 r(x, y) of text pairs, without gradient -> [len(prompts)]."""
-    device = next(rm.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            chunk = slice(i, i + batch_size)
-            batch = encode_texts(tok, prompts[chunk], responses[chunk], rm.body.cfg.max_len)
-            out.append(rm(*(t.to(device) for t in batch)).cpu())
-    return torch.cat(out)
-
-
-# Synthetic Preference RL: automatic labels. A "bad" response is a reference (or SFT sample) broken
-# in one of the ways a policy fails: word salad, stopping early, looping, a wrong fact, another topic.
-CORRUPTIONS = ("shuffled", "truncated", "repeated", "wrong_entity", "off_topic")
-
-
-def _swap_words(text: str, old: list[str], new: list[str]) -> str:
-    """Replace each whole word old[i] (any case) by new[i], keeping a leading capital."""
-    for o, n in zip(old, new):
-        word = rf"(?<!\w){re.escape(o)}(?!\w)"
-        text = re.sub(word, lambda m, n=n: n[:1].upper() + n[1:] if m[0][0].isupper() else n, text, flags=re.I)
-    return text
-
-
-def corrupt(response: str, record: dict, kind: str, rng: random.Random, pool: list[dict]) -> str:
-    """§7.3 synthetic "bad" response of one `kind`; `pool` supplies other records' facts and references."""
-    words = response.split()
-    if kind == "shuffled":
-        shuffled = words[:]
-        while shuffled == words and len(set(words)) > 1:
-            rng.shuffle(shuffled)
-        return " ".join(shuffled)
-    if kind == "truncated":  # a strict prefix: the text up to the end of the first third of its words
-        return response[: list(re.finditer(r"\S+", response))[max(1, len(words) // 3) - 1].end()]
-    if kind == "repeated":  # a decoding loop: a 3-word phrase, then it again ≥ 3 times (a third of |y|)
-        start = rng.randrange(max(1, len(words) - 2))
-        return " ".join(words[: start + 3] + words[start : start + 3] * max(3, len(words) // 3))
-    if kind == "wrong_entity":
-        if "fact" in record:
-            others = [r["fact"] for r in pool if r["category"] == record["category"]
-                      and not evaluate.states_fact(r["fact"], record["fact"])]
-            return _swap_words(response, [record["fact"]], [rng.choice(others)])
-        ours = {w.lower() for w in record["required"]}
-        others = [r["required"] for r in pool if r["topic"] != record["topic"] and len(r["required"])
-                  == len(record["required"]) and not ours & {w.lower() for w in r["required"]}]
-        return _swap_words(response, record["required"], rng.choice(others))
-    if kind == "off_topic":
-        return rng.choice([r for r in pool if evaluate.off_topic(record, r)])["response"]
-    raise ValueError(f"unknown corruption {kind!r}; choose from {', '.join(CORRUPTIONS)}")
-
-
-def passes_checks(response: str, record: dict) -> bool:
-    """§7.3 automatic "good" label: not degenerate, and states the fact (QA) / ≥ half the required items."""
-    if evaluate.degenerate(response, record):
-        return False
-    if "fact" in record:
-        return evaluate.states_fact(response, record["fact"])
-    return 2 * sum(evaluate.states_fact(response, w) for w in record["required"]) >= len(record["required"])
-
-
-def synthetic_labels(records: list[dict], samples: list[str] | None, rng: random.Random,
-                     kinds: tuple[str, ...] = CORRUPTIONS) -> list[tuple[str, str, int]]:
-    """§7.3 Synthetic Preference data: (prompt, response, 1 good / 0 bad), one corruption per good text.
-
-    Good: every reference, and samples[i] (an SFT sample for records[i]) when it passes the checks;
-    a failing sample is dropped, not labelled bad, so labels stay balanced and bad means "corrupted".
-    """
-    out = []
-    for i, record in enumerate(records):
-        goods = [record["response"]] + ([samples[i]] if samples and passes_checks(samples[i], record) else [])
-        for good in goods:
-            bad = corrupt(good, record, rng.choice(kinds), rng, records)
-            out += [(record["prompt"], good, 1), (record["prompt"], bad, 0)]
-    return out
-
-
-def human_preference_pairs(records: list[dict], samples_a: list[str], samples_b: list[str], flip: float = 0.15,
-                           *, rng: random.Random) -> list[tuple[str, str, str]]:
-    """§7.3 Human Preference (Limited) data with §2.2's disagreement: (prompt, chosen, rejected) per record.
-
-    The simulated annotator prefers the higher oracle score; a tie says nothing and is dropped; each
-    kept label is then flipped with probability `flip`.
-    """
-    pairs = []
-    for record, a, b in zip(records, samples_a, samples_b, strict=True):
-        sa, sb = evaluate.oracle_score(a, record), evaluate.oracle_score(b, record)
-        if sa == sb:
-            continue
-        chosen, rejected = (a, b) if (sa > sb) != (rng.random() < flip) else (b, a)
-        pairs.append((record["prompt"], chosen, rejected))
-    return pairs
-
-
-def _fit(rm: PreferenceRewardModel, n: int, batch_loss, steps: int, batch_size: int, lr: float, seed: int):
-    """§7.3 reward-model training loop: AdamW on batch_loss(indices) over random batches of n items."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(rm.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = batch_loss(torch.randint(n, (min(batch_size, n),), generator=gen).tolist())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def train_classifier_rm(rm: PreferenceRewardModel, tok, examples: list[tuple[str, str, int]], steps=60,
-                        batch_size=32, lr=3e-4, seed=0) -> list[float]:
-    """§7.3 Synthetic Preference RM: binary cross-entropy with r(x, y) as the logit of "good"."""
-    device = next(rm.parameters()).device
-
-    def batch_loss(idx):
-        prompts, responses, labels = zip(*(examples[i] for i in idx))
-        batch = encode_texts(tok, prompts, responses, rm.body.cfg.max_len)
-        r = rm(*(t.to(device) for t in batch))  # [b]
-        return F.binary_cross_entropy_with_logits(r, torch.tensor(labels, dtype=r.dtype, device=device))
-
-    return _fit(rm, len(examples), batch_loss, steps, batch_size, lr, seed)
-
-
-def train_bradley_terry_rm(rm: PreferenceRewardModel, tok, pairs: list[tuple[str, str, str]], steps=60,
-                           batch_size=32, lr=3e-4, seed=0) -> list[float]:
-    """§7.3 Human Preference RM (Bradley–Terry): loss = −log σ(r(x, y_chosen) − r(x, y_rejected))."""
-    device = next(rm.parameters()).device
-
-    def batch_loss(idx):
-        prompts, chosen, rejected = zip(*(pairs[i] for i in idx))
-        batch = encode_texts(tok, prompts * 2, chosen + rejected, rm.body.cfg.max_len)  # [2b, ·]
-        r = rm(*(t.to(device) for t in batch))  # [2b]: chosen rows, then rejected rows
-        return -F.logsigmoid(r[: len(idx)] - r[len(idx) :]).mean()
-
-    return _fit(rm, len(pairs), batch_loss, steps, batch_size, lr, seed)
-
-
-class LearnedReward:
-    """§7.3 baselines' reward for the RL loop: R = (r(x, y) − μ)/σ, μ and σ fixed on the references.
-
-    Normalising once (not per batch) keeps R on the CAGSR reward's scale for PPO and the hybrid, while a
-    better policy still earns more. Without references, μ = 0 and σ = 1.
-    """
-
-    def __init__(self, rm: PreferenceRewardModel, tok=None, references: list[tuple[str, str]] | None = None):
-        self.rm, self.mean, self.std = rm, 0.0, 1.0
-        if references:
-            r = score_texts(rm, tok, *map(list, zip(*references)))  # [len(references)]
-            self.mean, self.std = r.mean().item(), r.std(correction=0).clamp(min=1e-6).item()
-
-    def __call__(self, rollout, src: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """rollout: tokens/mask [B·N,T]; src [B,S] (each prompt once) -> R [B·N] and {"rm": R}."""
-        with torch.no_grad():
-            r = (self.rm(src, rollout.tokens, rollout.mask) - self.mean) / self.std  # [B·N]
-        return r, {"rm": r}
-
-
-class SumReward:
-    """§9 hybrid: R = R_CAGSR + weight · R_learned; the terms of both are logged."""
-
-    def __init__(self, attention_reward, learned_reward, weight: float = 1.0):
-        self.attention_reward, self.learned_reward, self.weight = attention_reward, learned_reward, weight
-
-    def __call__(self, rollout, src: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """rollout, src as for AttentionReward -> R [B·N] and the union of both rewards' terms."""
-        r_att, terms_att = self.attention_reward(rollout, src)
-        r_rm, terms_rm = self.learned_reward(rollout, src)
-        return r_att + self.weight * r_rm, {**terms_att, **terms_rm}
-
-
-def save_reward_model(rm: PreferenceRewardModel, path) -> None:
-    """§7.3 reward model to disk atomically (temporary file, then rename): old file or new, never half."""
-    tmp = f"{path}.tmp"
-    torch.save({"state": rm.state_dict()}, tmp)
-    os.replace(tmp, path)
-
-
-def load_reward_model(path, base_model_factory) -> PreferenceRewardModel:
-    """§7.3 reward model from disk; base_model_factory() builds a Transformer of the saved shape."""
+def reward_for(run: Path, tok, cfg: RewardConfig) -> AttentionReward:
+    """The CAGSR reward of §3.2 with the run directory's IDF table (written by `python cagsr.py prepare`)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        rm = PreferenceRewardModel(base_model_factory())
-        rm.load_state_dict(ckpt["state"])
-    except Exception as e:  # missing, truncated, foreign, or of another shape
-        raise ValueError(f"{path}: not a reward model of this project ({type(e).__name__})") from None
-    return rm
+        idf = load_idf(run / "idf.json")
+    except (OSError, ValueError):
+        raise CLIError(f"{run / 'idf.json'} is missing or corrupt: run `python cagsr.py prepare`")
+    return AttentionReward(idf, tok.pieces, (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id), cfg)

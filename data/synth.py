@@ -13,9 +13,10 @@ test split is also taught in the training split: a tiny model can learn it, the 
 `python -m data.synth` rewrites the committed JSONL files.
 """
 import json
-import os
 import random
 from pathlib import Path
+
+from rundir import atomic_write
 
 DATA_DIR = Path(__file__).parent
 DATASETS = ("qa", "instruct")
@@ -272,9 +273,7 @@ def write_all(root: Path = DATA_DIR, seed: int = 0) -> None:
         (Path(root) / dataset).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             path = Path(root) / dataset / f"{split}.jsonl"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(to_jsonl([r for r in records if r["split"] == split]), encoding="ascii")
-            os.replace(tmp, path)
+            atomic_write(path, to_jsonl([r for r in records if r["split"] == split]).encode("ascii"))
 
 
 def load_split(dataset: str, split: str, root: Path = DATA_DIR) -> list[dict]:

@@ -1,11 +1,11 @@
 """A sentencepiece tokenizer trained on our own training split, deterministically and in-process."""
 import io
-import os
 from pathlib import Path
 
 import sentencepiece as spm
 
 from data.synth import DATA_DIR, DATASETS, DataError, load_split
+from rundir import atomic_write
 
 TINY_VOCAB = 1536  # = the tiny preset in model.py; keeps both data sets inside their token ranges
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -33,10 +33,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, path: Path) -> "Tokenizer
         # a small corpus cannot fill a large vocabulary; take what it supports instead of failing
         hard_vocab_limit=False, minloglevel=2)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)  # a crash never leaves a half-written model behind
+    atomic_write(path, model.getvalue())  # a crash never leaves a half-written model behind
     return Tokenizer(path)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import cagsr
+import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 # A test marked `learning` asserts a learning effect (a loss falls, a reward rises, a model ranks well). Another
@@ -51,14 +51,14 @@ def run_dir(tmp_path_factory):
 @contextmanager
 def interrupted_at_step(monkeypatch, step: int):
     """Simulate Ctrl-C while the metrics of `step` are being logged; the body must be interrupted."""
-    log = cagsr.Metrics.log
+    log = rundir.Metrics.log
 
     def crash(self, **row):
         if row["step"] == step:
             raise KeyboardInterrupt
         log(self, **row)
 
-    monkeypatch.setattr(cagsr.Metrics, "log", crash)
+    monkeypatch.setattr(rundir.Metrics, "log", crash)
     with pytest.raises(KeyboardInterrupt):
         yield
-    monkeypatch.setattr(cagsr.Metrics, "log", log)
+    monkeypatch.setattr(rundir.Metrics, "log", log)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import cagsr
+import rundir
+import runtime
+import sft
 from data import load_split
 from data.tokenizer import train_tokenizer, training_texts
 from model import PRESETS
@@ -28,14 +30,14 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pairs(tok):
     records = load_split("qa", "train")[:48] + load_split("instruct", "train")[:16]
-    return cagsr.encode_pairs(tok, records, SMALL.max_len)
+    return sft.encode_pairs(tok, records, SMALL.max_len)
 
 
 @pytest.mark.learning
 def test_thirty_sft_steps_lower_the_loss(pairs, tmp_path, seed, record_property):
-    cfg = cagsr.SFTConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, eval_every=30, eval_pairs=16)
-    cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], tmp_path, seed=seed, quiet=True)
-    rows = cagsr.Metrics(tmp_path / "metrics.jsonl").read("sft")
+    cfg = sft.SFTConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, eval_every=30, eval_pairs=16)
+    sft.train_sft(SMALL, cfg, pairs, pairs[:16], tmp_path, seed=seed, quiet=True)
+    rows = rundir.Metrics(tmp_path / "metrics.jsonl").read("sft")
     losses = [r["loss"] for r in rows]
     assert len(losses) == 30
     ratio = sum(losses[-5:]) / sum(losses[:5])  # 0.56–0.60 for seeds 0–4
@@ -45,14 +47,14 @@ def test_thirty_sft_steps_lower_the_loss(pairs, tmp_path, seed, record_property)
 
 
 def test_interrupted_sft_resumes_to_the_same_numbers(pairs, tmp_path, monkeypatch):
-    cfg = cagsr.SFTConfig(steps=16, batch_size=16, lr=3e-3, warmup=2, eval_every=8, eval_pairs=16)
-    whole = cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], tmp_path / "whole", quiet=True)[0]
+    cfg = sft.SFTConfig(steps=16, batch_size=16, lr=3e-3, warmup=2, eval_every=8, eval_pairs=16)
+    whole = sft.train_sft(SMALL, cfg, pairs, pairs[:16], tmp_path / "whole", quiet=True)[0]
     run = tmp_path / "cut"
     with interrupted_at_step(monkeypatch, 11):
-        cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], run, quiet=True)
+        sft.train_sft(SMALL, cfg, pairs, pairs[:16], run, quiet=True)
     assert torch.load(run / "sft-last.pt", weights_only=True)["step"] == 8
-    resumed = cagsr.train_sft(SMALL, cfg, pairs, pairs[:16], run, quiet=True)[0]
-    a, b = (cagsr.Metrics(p / "metrics.jsonl").read("sft") for p in (tmp_path / "whole", run))
+    resumed = sft.train_sft(SMALL, cfg, pairs, pairs[:16], run, quiet=True)[0]
+    a, b = (rundir.Metrics(p / "metrics.jsonl").read("sft") for p in (tmp_path / "whole", run))
     assert [r["step"] for r in b] == list(range(1, 17))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
     for p, q in zip(whole.parameters(), resumed.parameters()):
@@ -60,8 +62,8 @@ def test_interrupted_sft_resumes_to_the_same_numbers(pairs, tmp_path, monkeypatc
 
 
 def test_learning_rate_warms_up_then_decays():
-    cfg = cagsr.SFTConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
-    lrs = [cagsr.lr_at(s, cfg) for s in range(100)]
+    cfg = sft.SFTConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    lrs = [sft.lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
@@ -120,8 +122,8 @@ def test_memory_plan_counts_the_real_model_and_grows_with_size():
     for size in ("tiny", "1.3b"):
         with torch.device("meta"):
             real = Transformer(PRESETS[size]).num_parameters()
-        plan = cagsr.memory_plan(size)
+        plan = runtime.memory_plan(size)
         assert plan["parameters"] == real
         assert plan["adam"] == pytest.approx(2 * plan["weights"])  # two fp32 moments per fp32 weight
-    assert cagsr.memory_plan("1.3b", grad_checkpoint=True)["activations"] < cagsr.memory_plan("1.3b")["activations"]
-    assert cagsr.memory_plan("tiny")["total"] < cagsr.memory_plan("1.3b")["total"]
+    assert runtime.memory_plan("1.3b", grad_checkpoint=True)["activations"] < runtime.memory_plan("1.3b")["activations"]
+    assert runtime.memory_plan("tiny")["total"] < runtime.memory_plan("1.3b")["total"]

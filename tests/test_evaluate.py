@@ -1,4 +1,4 @@
-"""evaluate.py as a specification of §7.4's metrics: ROUGE-L against the reference package, the
+"""evaluate.py and relevance.py as a specification of §7.4's metrics: ROUGE-L against the reference package, the
 simulated human score's rubric on worked examples, the reward-hacking indicators at their edges,
 and the relevance judge's refusals and its ranking of on- and off-topic answers."""
 
@@ -16,17 +16,19 @@ from rouge_score import rouge_scorer
 from conftest import SEED
 from data import load_split
 from evaluate import (
-    JudgeError,
-    RelevanceJudge,
-    SentenceEncoder,
     distinct_n,
     indicators,
-    minilm_dir,
-    off_topic,
     oracle_score,
     pearson,
     rouge_l,
     score_responses,
+)
+from relevance import (
+    JudgeError,
+    RelevanceJudge,
+    SentenceEncoder,
+    minilm_dir,
+    off_topic,
     verify_weights,
 )
 

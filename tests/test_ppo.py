@@ -9,12 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-import cagsr
+import rl
+import rundir
+import sft
 from conftest import interrupted_at_step
 from model import PRESETS, Transformer
 from ppo import (ActorCritic, AdaptiveKL, PPOConfig, ValueHead, advantages, collect_rollout, group_baseline, kl_per_token,
                  policy_loss, ppo_update, returns_to_go, value_loss)
-from reward import AttentionReward
+from reward import AttentionReward, RewardConfig
 
 CFG = replace(PRESETS["tiny"], vocab_size=40, d_model=32, n_heads=2, d_ff=64, n_enc_layers=1, n_dec_layers=2,
               max_len=12)
@@ -36,7 +38,7 @@ def fresh_policy(seed=0):
 
 
 def reward_fn(**weights):
-    return AttentionReward(IDF, PIECES, **weights)
+    return AttentionReward(IDF, PIECES, cfg=RewardConfig(**weights))
 
 
 # ---- worked examples ---------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def test_value_head_starts_at_zero():
 
 
 def rollout_batch(policy, reference, kl_coef=0.05, cfg=PPO):
-    src = cagsr.pad(prompts(), CFG.pad_id)
+    src = sft.pad(prompts(), CFG.pad_id)
     torch.manual_seed(1)
     return collect_rollout(policy, ValueHead(CFG.d_model), reference, src, reward_fn(), cfg, kl_coef, 1)
 
@@ -157,9 +159,9 @@ def test_no_gradient_reaches_the_reference_or_the_reward():
 def run_rl(tmp_path, cfg=PPO, weights=None, seed=0, policy=None):
     policy = policy or fresh_policy(seed)
     reference = copy.deepcopy(policy).requires_grad_(False)
-    cagsr.train_rl(policy, reference, prompts(), reward_fn(**(weights or {})), cfg, 1, tmp_path, seed=seed,
+    rl.train_rl(policy, reference, prompts(), reward_fn(**(weights or {})), cfg, 1, tmp_path, seed=seed,
                    quiet=True)
-    return cagsr.Metrics(tmp_path / "metrics.jsonl").read("rl")
+    return rundir.Metrics(tmp_path / "metrics.jsonl").read("rl")
 
 
 @pytest.mark.learning
@@ -200,8 +202,8 @@ def test_nan_reward_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
         return torch.full((rollout.tokens.shape[0],), float("nan")), {}
 
     policy = fresh_policy()
-    with pytest.raises(cagsr.CLIError, match="NaN"):
-        cagsr.train_rl(policy, copy.deepcopy(policy), prompts(), nan_reward, replace(PPO, iterations=4), 1,
+    with pytest.raises(rundir.CLIError, match="NaN"):
+        rl.train_rl(policy, copy.deepcopy(policy), prompts(), nan_reward, replace(PPO, iterations=4), 1,
                        tmp_path, quiet=True)
     assert (tmp_path / "rl-last.pt").read_bytes() == good
 

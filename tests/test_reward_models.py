@@ -1,4 +1,4 @@
-"""reward.py §7.3 as a specification: the baselines' learned reward models — automatic corruptions and
+"""baselines.py (§7.3) as a specification: the baselines' learned reward models — automatic corruptions and
 labels (Synthetic Preference RL), oracle preference pairs with §2.2's flips (Human Preference RL),
 their training, the reward the RL loop calls, and the saved file."""
 
@@ -12,7 +12,7 @@ from data import load_split
 from data.tokenizer import train_tokenizer, training_texts
 from evaluate import degenerate, oracle_score, states_fact
 from model import PRESETS, Rollout, Transformer
-from reward import (
+from baselines import (
     CORRUPTIONS,
     LearnedReward,
     PreferenceRewardModel,

@@ -82,6 +82,7 @@ def fresh_run(run_dir, tmp_path, name):
     return out
 
 
+@pytest.mark.slow
 def test_torchrun_sft_matches_one_process(run_dir, tmp_path):
     """4 SFT steps on a global batch of 8 pairs: one process, 2 DDP ranks, 2 FSDP ranks. Each rank
     takes 4 pairs and weights its loss by its share of the tokens, so the losses agree to float
@@ -102,6 +103,7 @@ def test_torchrun_sft_matches_one_process(run_dir, tmp_path):
             torch.load(single / "sft.pt", weights_only=True)["model"].keys()
 
 
+@pytest.mark.slow
 def test_torchrun_rl_matches_one_process(run_dir, tmp_path):
     """One PPO iteration of 8 prompts × 2 samples, one epoch of one minibatch: a single torchrun
     process against 2 DDP and 2 FSDP ranks (4 prompts each). The ranks slice their sampling noise from
@@ -122,6 +124,7 @@ def test_torchrun_rl_matches_one_process(run_dir, tmp_path):
             assert got[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), (key, k)
 
 
+@pytest.mark.slow
 def test_bf16_rl_with_gradient_checkpointing_runs_and_starts_at_ratio_one(run_dir, tmp_path):
     """Ā stays a distribution under bf16 (the reward checks it), and the update's first ratio
     π_θ/π_old is 1 although sampling and the update run different bf16 kernels."""

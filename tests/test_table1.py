@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-import evaluate
 from conftest import assert_one_line_error, run_cli
+from relevance import RelevanceJudge
 
 MINI = ["--iterations", "1", "--batch-prompts", "4", "--samples", "2", "--eval-prompts", "4", "--rm-steps", "2",
         "--seeds", "2"]
@@ -14,12 +14,13 @@ METHODS = "no-rl,cagsr,cagsr-no-focus,human-pref,hybrid"
 
 @pytest.fixture(scope="module")
 def table_run(run_dir):
-    judge, accuracy = evaluate.RelevanceJudge.train(run_dir / "judge.pt", n_train=60, n_val=20)
+    judge, accuracy = RelevanceJudge.train(run_dir / "judge.pt", n_train=60, n_val=20)
     proc = run_cli("table1", "--out", str(run_dir), "--methods", METHODS, *MINI)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run_dir, proc
 
 
+@pytest.mark.slow  # table_run trains and scores five methods × two seeds
 def test_table1_writes_results_in_the_documented_shape(table_run):
     run, proc = table_run
     results = json.loads((run / "table1" / "results.json").read_text())
@@ -38,6 +39,7 @@ def test_table1_writes_results_in_the_documented_shape(table_run):
     assert (run / "rm-human.pt").exists() and (run / "table1" / "cagsr-seed1" / "rl.pt").exists()
 
 
+@pytest.mark.slow  # table_run trains and scores five methods × two seeds
 def test_rerun_reuses_finished_runs(table_run):
     run, _ = table_run
     before = (run / "table1" / "cagsr-seed0" / "scores.json").stat().st_mtime_ns

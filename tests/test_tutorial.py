@@ -5,6 +5,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = re.compile(r"\]\((figures/[^)\s]+\.png)\)")  # ![...](figures/NN_name.png)
 
@@ -31,6 +33,7 @@ def test_chapters_keep_the_format():
             assert (ROOT / "tutorial" / figure).is_file(), f"{path.name} shows {figure}: run python tutorial/run.py"
 
 
+@pytest.mark.slow
 def test_every_chapter_runs_and_draws_its_figures(tmp_path, monkeypatch):
     """All chapters, in order, in one fresh directory (chapter 1 trains the model the later ones use)."""
     run = runner()

@@ -5,6 +5,9 @@ printed into the ```output block under it, so the numbers in a chapter always co
     python tutorial/run.py 03 05      # chapters whose file name starts with 03 or 05
     python tutorial/run.py --check    # execute only, leave the Markdown as it is
 
+A chapter shows the project's code under an equation with `from tutorial.run import show` and
+`show(function)`: the source is read when the chapter runs, so what it shows is the code that runs.
+
 Chapters run from the repository root, write their runs under runs/tutorial/ and their figures under
 tutorial/figures/; the blocks of one chapter share one namespace, chapters do not. Torch runs them on
 THREADS threads: the outputs were made so, and another thread count sums in another order, which
@@ -12,9 +15,11 @@ after hundreds of training steps gives other numbers.
 """
 import argparse
 import contextlib
+import inspect
 import io
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -25,6 +30,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # a ```python block, optionally followed by the ```output block a previous run wrote under it
 BLOCK = re.compile(r"```python\n(?P<code>.*?)```\n(?:\n```output\n.*?```\n)?", re.S)
+
+
+def show(*objs):
+    """Print the source of each function or class (a method is dedented), separated by a blank line."""
+    print("\n\n".join(textwrap.dedent(inspect.getsource(obj)).rstrip("\n") for obj in objs))
 
 
 def chapters(selected=()) -> list[Path]:

@@ -1,0 +1,78 @@
+"""The figures the stages draw: loss and RL curves, cross-attention heat maps, Table 1's bars.
+matplotlib is imported on the first plot, on its file-only backend (no display needed)."""
+from pathlib import Path
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed), imported on first plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str):
+    """One line per metric key against the step; metrics logged only sometimes are drawn with markers."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 50 else None, label=k)
+    ax.set_xlabel("step"), ax.set_title(title), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_rl(rows: list[dict], path: Path):
+    """The RL run at a glance: reward and its terms, KL to the reference, response length."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    panels = [(["reward", "coverage", "focus", "repeat", "rm"], "reward terms"), (["kl"], "KL(π ‖ π_SFT) per response"),
+              (["length"], "response length (tokens)")]
+    steps = [r["step"] for r in rows]
+    for ax, (keys, title) in zip(axes, panels):
+        for k in [k for k in keys if k in rows[0]]:  # a learned reward has "rm", not the attention terms
+            ax.plot(steps, [r[k] for r in rows], label=k)
+        ax.set_xlabel("iteration"), ax.set_title(title), ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention(attn, prompt_pieces: list[str], response_pieces: list[str], path: Path, title: str):
+    """Heat map of Ā [T, S]: one row per response token, one column per prompt token."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(0.45 * len(prompt_pieces) + 2, 0.35 * len(response_pieces) + 1.5))
+    ax.imshow(attn, cmap="viridis", vmin=0, aspect="auto")
+    ax.set_xticks(range(len(prompt_pieces)), prompt_pieces, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(response_pieces)), response_pieces, fontsize=8)
+    ax.set_xlabel("prompt token j"), ax.set_ylabel("response step t"), ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_table1(results: dict, path: Path) -> None:
+    """Bar chart: one panel per (data set, metric), one bar per method, error bars = std over seeds."""
+    from baselines import METHODS  # the methods' order; here, not at the top: baselines imports the stages
+
+    plt = pyplot()
+    metrics = ("relevance", "rouge_l", "oracle")
+    fig, axes = plt.subplots(len(results), len(metrics), figsize=(4.2 * len(metrics), 3.4 * len(results)),
+                             squeeze=False)
+    for row, (dataset, methods) in zip(axes, results.items()):
+        names = [m for m in METHODS if m in methods]
+        for ax, metric in zip(row, metrics):
+            ax.bar(range(len(names)), [methods[m][metric]["mean"] for m in names],
+                   yerr=[methods[m][metric]["std"] for m in names], capsize=3,
+                   color=["tab:gray" if m == "no-rl" else "tab:blue" if "cagsr" in m else "tab:orange" for m in names])
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_title(f"{dataset}: {metric}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+"""The run directory on disk: every file a stage writes or reads back goes through this module.
+
+    atomic_write, atomic_save    a crash leaves the old file or the new one, never half of one
+    load_checkpoint, load_model  torch.load with weights_only=True: no pickled code is ever executed
+    model_checkpoint             what load_model reads back
+    Metrics                      metrics.jsonl, one JSON object per logged step
+    tokenizer_for                the run's tokenizer.model
+
+A run directory (runs/<size>/ by default) holds tokenizer.model, idf.json, config.json, metrics.jsonl,
+sft.pt, and one folder per RL run (config.json, metrics.jsonl, rl.pt, rl_curves.png).
+"""
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from model import PRESETS, Transformer
+
+
+class CLIError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit status 2."""
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write text or bytes to `path` atomically."""
+    _replace_atomically(path, lambda tmp: tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data))
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save `obj` (tensors and plain containers) to `path` atomically."""
+    _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by atomic_save, loaded without executing pickled code."""
+    if not path.exists():
+        raise CLIError(f"checkpoint {path} not found: run the stage that writes it first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or foreign objects
+        raise CLIError(f"checkpoint {path} is corrupt ({type(e).__name__}); delete it and rerun the stage")
+
+
+def model_checkpoint(model: Transformer, size: str, state=None, **extra) -> dict:
+    """What load_model reads back: the preset, the config fields that differ from it, the weights
+    (`state`, default model.state_dict()), and any `extra` entries of a resumable checkpoint."""
+    overrides = {k: v for k, v in asdict(model.cfg).items() if getattr(PRESETS[size], k) != v}
+    return {"size": size, "model_overrides": overrides, "model": model.state_dict() if state is None else state,
+            **extra}
+
+
+def load_model(path: Path, device="cpu") -> Transformer:
+    """The Transformer of a checkpoint written with model_checkpoint."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = Transformer(replace(PRESETS[ckpt["size"]], **ckpt["model_overrides"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        raise CLIError(f"checkpoint {path} does not hold a model of this project ({type(e).__name__})")
+    return model.to(device)
+
+
+class Metrics:
+    """metrics.jsonl: one JSON object per logged step, appended and flushed as it happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read(self, stage=None) -> list[dict]:
+        if not self.path.exists():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if stage is None or r["stage"] == stage]
+
+    def truncate(self, stage: str, after_step: int):
+        """Forget rows of `stage` logged after `after_step`: a resumed run logs them again."""
+        keep = [r for r in self.read() if r["stage"] != stage or r["step"] <= after_step]
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def tokenizer_for(run: Path):
+    """The tokenizer that `python cagsr.py prepare` trained into the run directory."""
+    from data.tokenizer import Tokenizer  # here, not at the top: data/ writes through this module
+
+    return Tokenizer(run / "tokenizer.model")
+
+
+def check_resume(last: Path, resume: bool, force: bool) -> None:
+    """An interrupted stage's checkpoint `last` is continued only with --resume, dropped with --force."""
+    if last.exists() and not (resume or force):
+        raise CLIError(f"{last} holds an interrupted run: add --resume to continue it or --force to start over")
+    if last.exists() and force:
+        last.unlink()
