@@ -187,10 +187,11 @@ def indicators(responses: list[str], rewards: list[float] | None = None, oracle:
 # ---- 5. one data set, one method, one seed -------------------------------------------------------
 
 
-def score_responses(records: list[dict], responses: list[str], judge: "relevance.RelevanceJudge",
+def score_responses(records: list[dict], responses: list[str], judge,
                     rewards: list[float] | None = None, attention_entropy: list[float] | None = None,
                     data_root: Path = DATA_DIR) -> dict[str, float]:
-    """Means of §7.4's metrics (relevance, rouge_l, oracle) and the indicators over one data set."""
+    """Means of §7.4's metrics (relevance from `judge`, a relevance.RelevanceJudge; rouge_l; oracle) and the
+    indicators over one data set."""
     if len(records) != len(responses) or not records:
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
     relevance = judge.score([r["prompt"] for r in records], responses)

@@ -21,6 +21,7 @@ import re
 import sys
 import textwrap
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -42,23 +43,41 @@ def chapters(selected=()) -> list[Path]:
     return [p for p in paths if not selected or any(p.name.startswith(s) for s in selected)]
 
 
-def run_chapter(path: Path, write=True) -> list[str]:
-    """Execute the chapter's python blocks in order; return what each printed (and, if `write`, put
-    that into the Markdown as the block's output)."""
-    text, namespace, outputs = path.read_text(), {"__name__": "__tutorial__"}, []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
+def execute(path: Path, threads: int = THREADS, keep_going=False, rewrite=None):
+    """Execute the chapter's python blocks in order, in one namespace, with torch on `threads` threads.
+    Returns (outputs, failures, namespace): what each block printed, and — with `keep_going` — every
+    failing block as {block, line, code, error} while the next block runs (without it, a failure
+    raises). `rewrite(code)` may change a block before it runs (tutorial/sweep.py --reuse)."""
+    namespace, outputs, failures = {"__name__": "__tutorial__"}, [], []
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        for i, m in enumerate(BLOCK.finditer(text)):
+        for i, m in enumerate(BLOCK.finditer(path.read_text())):
+            name, code = f"{path.name}, block {i + 1}", rewrite(m["code"]) if rewrite else m["code"]
             buf = io.StringIO()
-            with contextlib.redirect_stdout(buf):
-                try:
-                    exec(compile(m["code"], f"{path.name}, block {i + 1}", "exec"), namespace)
-                except SystemExit as e:  # a cagsr.main(...) call that failed
-                    raise RuntimeError(f"{path.name}, block {i + 1}: the command exited with status {e.code}") from e
+            try:
+                with contextlib.redirect_stdout(buf):
+                    exec(compile(code, name, "exec"), namespace)
+            except BaseException as e:  # noqa: BLE001 - a sweep records every kind of failure
+                if not keep_going:
+                    if isinstance(e, SystemExit):  # a cagsr.main(...) call that failed
+                        raise RuntimeError(f"{name}: the command exited with status {e.code}") from e
+                    raise
+                frame = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == name]
+                line = frame[-1].lineno if frame else 0
+                text = code.splitlines()[line - 1].strip() if line else ""
+                failures.append({"block": i + 1, "line": line, "code": text, "error": f"{type(e).__name__}: {e}"[:300]})
             outputs.append(buf.getvalue())
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
+    return outputs, failures, namespace
+
+
+def run_chapter(path: Path, write=True) -> list[str]:
+    """Execute the chapter; return what each block printed (and, if `write`, put that into the
+    Markdown as the block's output)."""
+    text = path.read_text()
+    outputs = execute(path)[0]
     if write:
         it = iter(outputs)
 

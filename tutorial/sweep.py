@@ -24,15 +24,12 @@ and dicts of numbers), and writes everything to tutorial/sweep.json, which the c
 the spread over seeds next to seed 0's story.
 """
 import argparse
-import contextlib
-import io
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -69,28 +66,16 @@ def run_seed(seed: int, threads: int, reuse=False) -> dict:
     """Every chapter for one seed, in the current directory; failures are recorded, not raised."""
     import importlib.util
 
-    import torch
-
     spec = importlib.util.spec_from_file_location("tutorial_run", HERE / "run.py")
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
     Path("tutorial/figures").mkdir(parents=True, exist_ok=True)
     report, printed = {}, {}
     for path in run.chapters():
-        t0, failures, namespace = time.time(), [], {"__name__": "__tutorial__"}
-        torch.set_num_threads(threads)
-        for i, m in enumerate(run.BLOCK.finditer(path.read_text())):
-            name, code = f"{path.name}, block {i + 1}", DELETES.sub(r"\1pass", m["code"]) if reuse else m["code"]
-            buf = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(buf):
-                    exec(compile(code, name, "exec"), namespace)
-            except BaseException as e:  # noqa: BLE001 - a sweep records every kind of failure
-                frame = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == name]
-                line = frame[-1].lineno if frame else 0
-                text = code.splitlines()[line - 1].strip() if line else ""
-                failures.append({"block": i + 1, "line": line, "code": text, "error": f"{type(e).__name__}: {e}"[:300]})
-            printed[name] = buf.getvalue()
+        t0 = time.time()
+        outputs, failures, namespace = run.execute(path, threads, keep_going=True,
+                                                   rewrite=(lambda code: DELETES.sub(r"\1pass", code)) if reuse else None)
+        printed.update({f"{path.name}, block {i + 1}": out for i, out in enumerate(outputs)})
         report[path.name] = {"seconds": round(time.time() - t0, 1), "failures": failures, "values": scalars(namespace)}
         print(f"seed {seed}: {path.name} {time.time() - t0:.0f} s, {len(failures)} failure(s)", file=sys.stderr)
     Path("printed.json").write_text(json.dumps(printed, indent=1))  # what each block printed, for reading
