@@ -24,9 +24,10 @@ from torch.nn.utils.rnn import pad_sequence
 import evaluate
 import relevance
 from data import DATASETS, load_split
+from data.tokenizer import tokenizer_for
 from model import Transformer
 from reward import RewardConfig, reward_for
-from rundir import CLIError, atomic_save, load_model, tokenizer_for
+from rundir import CLIError, atomic_save, load_model
 
 # ---- the methods -------------------------------------------------------------------------------
 

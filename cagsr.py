@@ -24,13 +24,13 @@ import evaluate
 import runtime
 from baselines import METHODS, RewardModelConfig
 from data import DATA_DIR, DATASETS, SPLITS, DataError, format_stats, length_stats, load_split
-from data.tokenizer import train_tokenizer, training_texts
+from data.tokenizer import tokenizer_for, train_tokenizer, training_texts
 from model import PRESETS
 from plots import plot_attention
 from ppo import PPOConfig
 from reward import RewardConfig, fit_idf, reward_for, save_idf
 from rl import RL_PRESETS, run_rl
-from rundir import CLIError, Metrics, atomic_write, load_model, tokenizer_for
+from rundir import CLIError, Metrics, atomic_write, load_model
 from runtime import GPUS, memory_plan
 from sft import SFT_PRESETS, SFTConfig, run_sft
 from table1 import check_methods, run_table1

@@ -56,16 +56,15 @@ def plot_attention(attn, prompt_pieces: list[str], response_pieces: list[str], p
     plt.close(fig)
 
 
-def plot_table1(results: dict, path: Path) -> None:
-    """Bar chart: one panel per (data set, metric), one bar per method, error bars = std over seeds."""
-    from baselines import METHODS  # the methods' order; here, not at the top: baselines imports the stages
-
+def plot_table1(results: dict, path: Path, order=None) -> None:
+    """Bar chart: one panel per (data set, metric), one bar per method (in `order`, default the results'),
+    error bars = std over seeds."""
     plt = pyplot()
     metrics = ("relevance", "rouge_l", "oracle")
     fig, axes = plt.subplots(len(results), len(metrics), figsize=(4.2 * len(metrics), 3.4 * len(results)),
                              squeeze=False)
     for row, (dataset, methods) in zip(axes, results.items()):
-        names = [m for m in METHODS if m in methods]
+        names = [m for m in (order or methods) if m in methods]
         for ax, metric in zip(row, metrics):
             ax.bar(range(len(names)), [methods[m][metric]["mean"] for m in names],
                    yerr=[methods[m][metric]["std"] for m in names], capsize=3,

@@ -16,11 +16,12 @@ from tqdm import tqdm
 import runtime
 from baselines import RewardModelConfig, reward_for_method
 from data import DATASETS, load_split
+from data.tokenizer import tokenizer_for
 from plots import plot_rl
 from ppo import ActorCritic, AdaptiveKL, PPOConfig, ValueHead, collect_rollout, explained_variance, ppo_update
 from reward import RewardConfig
 from rundir import CLIError, Metrics, atomic_save, atomic_write, check_resume, load_checkpoint, load_model, \
-    model_checkpoint, tokenizer_for
+    model_checkpoint
 from sft import pad
 
 # The paper's lr 1e-5 is for a 1.3B model; a 4.6M model needs larger steps to move in a few dozen

@@ -4,7 +4,6 @@
     load_checkpoint, load_model  torch.load with weights_only=True: no pickled code is ever executed
     model_checkpoint             what load_model reads back
     Metrics                      metrics.jsonl, one JSON object per logged step
-    tokenizer_for                the run's tokenizer.model
 
 A run directory (runs/<size>/ by default) holds tokenizer.model, idf.json, config.json, metrics.jsonl,
 sft.pt, and one folder per RL run (config.json, metrics.jsonl, rl.pt, rl_curves.png).
@@ -97,13 +96,6 @@ class Metrics:
         """Forget rows of `stage` logged after `after_step`: a resumed run logs them again."""
         keep = [r for r in self.read() if r["stage"] != stage or r["step"] <= after_step]
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def tokenizer_for(run: Path):
-    """The tokenizer that `python cagsr.py prepare` trained into the run directory."""
-    from data.tokenizer import Tokenizer  # here, not at the top: data/ writes through this module
-
-    return Tokenizer(run / "tokenizer.model")
 
 
 def check_resume(last: Path, resume: bool, force: bool) -> None:

@@ -14,10 +14,10 @@ from tqdm import tqdm
 
 import runtime
 from data import DATASETS, load_split
+from data.tokenizer import tokenizer_for
 from model import PRESETS, Transformer
 from plots import plot_curves
-from rundir import CLIError, Metrics, atomic_save, atomic_write, check_resume, load_checkpoint, model_checkpoint, \
-    tokenizer_for
+from rundir import CLIError, Metrics, atomic_save, atomic_write, check_resume, load_checkpoint, model_checkpoint
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from pathlib import Path
 import evaluate
 from baselines import METHODS, RewardModelConfig
 from data import DATASETS, load_split
+from data.tokenizer import tokenizer_for
 from plots import plot_table1
 from ppo import PPOConfig
 from relevance import RelevanceJudge
 from reward import RewardConfig, reward_for
 from rl import run_rl
-from rundir import CLIError, atomic_write, load_model, tokenizer_for
+from rundir import CLIError, atomic_write, load_model
 from sft import encode_pairs, perplexity
 
 TABLE1_METHODS, ABLATION_METHODS = METHODS[:4] + ("hybrid",), ("cagsr",) + METHODS[4:7]
@@ -150,6 +151,6 @@ def run_table1(run: Path, size: str, methods: list[str], seeds: int, cfg: PPOCon
     results = aggregate(per_seed)
     atomic_write(out / "results.json", json.dumps(results, indent=2))
     atomic_write(out / "results.md", table1_markdown(results))
-    plot_table1(results, out / "results.png")
+    plot_table1(results, out / "results.png", METHODS)
     print(table1_markdown(results))
     print(f"table1: {len(methods)} methods × {seeds} seeds in {time.time() - t0:.0f} s -> {out}/results.md")

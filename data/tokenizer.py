@@ -72,3 +72,8 @@ class Tokenizer:
             if i not in (self.pad_id, self.bos_id) and 0 <= i < self.vocab_size:
                 out.append(i)
         return self.sp.decode(out)
+
+
+def tokenizer_for(run: Path) -> Tokenizer:
+    """The tokenizer that `python cagsr.py prepare` trained into the run directory `run`."""
+    return Tokenizer(Path(run) / "tokenizer.model")
