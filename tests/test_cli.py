@@ -127,3 +127,31 @@ def test_memory_plan_counts_the_real_model_and_grows_with_size():
         assert plan["adam"] == pytest.approx(2 * plan["weights"])  # two fp32 moments per fp32 weight
     assert runtime.memory_plan("1.3b", grad_checkpoint=True)["activations"] < runtime.memory_plan("1.3b")["activations"]
     assert runtime.memory_plan("tiny")["total"] < runtime.memory_plan("1.3b")["total"]
+
+
+def test_every_config_field_is_a_flag_with_its_comment_as_help():
+    """The flags are made from the config dataclasses: each field is a flag whose help is the field's
+    comment, a flag given replaces the preset's value, a flag not given leaves it alone."""
+    import dataclasses
+
+    import cagsr
+    from baselines import RewardModelConfig
+    from ppo import PPOConfig
+    from reward import RewardConfig
+    from rl import RL_PRESETS
+    from sft import SFT_PRESETS, SFTConfig
+
+    p = cagsr.parser()
+    for command, classes in (("sft", (SFTConfig, RewardConfig)), ("rl", (PPOConfig, RewardConfig, RewardModelConfig))):
+        sub = p._subparsers._group_actions[0].choices[command]
+        helps = {a.dest: a.help for a in sub._actions}
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                assert f.name in helps, (command, f.name)
+                assert cagsr.field_help(cls)[f.name] in helps[f.name]
+    args = p.parse_args(["rl", "--iterations", "3", "--no-whiten", "--beta", "0"])
+    assert cagsr.ppo_config(args) == dataclasses.replace(RL_PRESETS["tiny"], iterations=3, whiten=False)
+    assert cagsr.reward_configs(args)[0] == RewardConfig(beta=0.0)
+    args = p.parse_args(["sft", "--warmup", "7"])
+    assert cagsr.sft_config(args) == dataclasses.replace(SFT_PRESETS["tiny"], warmup=7)
+    assert cagsr.sft_config(p.parse_args(["--lr", "0.5"])) == SFT_PRESETS["tiny"]  # the pipeline's --lr is RL's
