@@ -89,7 +89,7 @@ def rl(args) -> Path:
 def table1(args):
     """Table 1 and the ablations: prepare and SFT if needed, then every method × seed (table1.py)."""
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    check_methods(methods)
+    check_methods(methods)  # before prepare and SFT, which take minutes
     if not args.report_only:
         args.resume = True
         prepare(args)

@@ -4,6 +4,7 @@
     load_checkpoint, load_model  torch.load with weights_only=True: no pickled code is ever executed
     model_checkpoint             what load_model reads back
     Metrics                      metrics.jsonl, one JSON object per logged step
+    check_resume, CLIError       an interrupted stage continues only when asked; bad input is one line
 
 A run directory (runs/<size>/ by default) holds tokenizer.model, idf.json, config.json, metrics.jsonl,
 sft.pt, and one folder per RL run (config.json, metrics.jsonl, rl.pt, rl_curves.png).
