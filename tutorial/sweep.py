@@ -112,7 +112,7 @@ class Seed:
         self.seed, self.chapters, self.runs = int(seed), sweep["seeds"][seed], sweep["rl_runs"].get(seed, {})
 
     def value(self, chapter: str, key: str) -> float:
-        """A number chapter `chapter` (file-name prefix, e.g. "08") computed, e.g. "results/SFT/qa/accuracy"."""
+        """A number chapter `chapter` (file-name prefix, e.g. "09") computed, e.g. "results/SFT/qa/accuracy"."""
         name = next((n for n in self.chapters if n.startswith(chapter)), None)
         if name is None:
             raise KeyError(f"no chapter {chapter} in {RESULTS.name} for seed {self.seed}: rerun tutorial/sweep.py")
