@@ -108,7 +108,7 @@ def train_reward_model(kind: str, run: Path, rmcfg: RewardModelConfig, data: Pat
 def final_decoder_states(model: Transformer, src: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
     """§7.3 reward-model body: the final, normalised decoder states of a teacher-forced pass (no logits).
 
-    src [B,S], dec_in [B·N,T] (BOS + response; N rows per prompt) -> [B·N,T,D].
+    src [B,S], dec_in [B·N,T] (start token + response; N rows per prompt) -> [B·N,T,D].
     """
     memory, src_mask = model.encode(src)  # [B,S,D], [B,1,1,S]
     return model.dec_norm(model.decoder_states(memory, src_mask, dec_in)[0])  # [B·N,T,D]
@@ -126,8 +126,8 @@ class PreferenceRewardModel(nn.Module):
 
     def forward(self, src: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """§7.3 r(x, y): src [B,S], tokens and mask [B·N,T] (response incl. EOS) -> [B·N]."""
-        bos = torch.full_like(tokens[:, :1], self.body.cfg.bos_id)
-        h = final_decoder_states(self.body, src, torch.cat([bos, tokens], dim=1))[:, 1:]  # [B·N,T,D]: states at y_t
+        start = torch.full_like(tokens[:, :1], self.body.cfg.pad_id)
+        h = final_decoder_states(self.body, src, torch.cat([start, tokens], dim=1))[:, 1:]  # [B·N,T,D]: states at y_t
         # Masked mean, not the last token's state: every response position then gets a gradient, and in
         # a 60-step budget it separated references from loops/truncations better (0.94 vs 0.89 held out).
         m = mask.unsqueeze(-1).to(h.dtype)  # [B·N,T,1]
@@ -137,7 +137,7 @@ class PreferenceRewardModel(nn.Module):
 def encode_texts(tok, prompts: list[str], responses: list[str], max_len: int):
     """§7.3 RM input: texts -> src [B,S], tokens [B,T] (response + EOS, cut to max_len), mask [B,T]."""
     src = pad_sequence([torch.tensor(tok.encode(p)) for p in prompts], batch_first=True, padding_value=tok.pad_id)
-    ys = [torch.tensor(tok.encode(r, eos=True)[:max_len]) for r in responses]
+    ys = [torch.tensor(tok.encode(r)[:max_len]) for r in responses]
     tokens = pad_sequence(ys, batch_first=True, padding_value=tok.pad_id)  # [B,T]
     mask = torch.arange(tokens.shape[1]) < torch.tensor([len(y) for y in ys])[:, None]  # [B,T]
     return src, tokens, mask

@@ -22,14 +22,16 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from model import PRESETS, ModelConfig, Transformer
+from model import PRESETS, ModelConfig, Transformer, decoder_input
 from reward import cagsr_reward
+from rundir import export_hf
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"sampling": 2.0, "sft": 1.0, "reward_share": 0.05}  # ours/HF ≥, ours/HF ≥, reward/generate <
@@ -68,8 +70,8 @@ def median_seconds(fn, repeats: int, device=None) -> float:
 
 
 def random_ids(B: int, S: int, cfg: ModelConfig, seed: int) -> torch.Tensor:
-    """[B,S] ids ≥ 4 (no pad, bos, eos or unk): every prompt is full length."""
-    return torch.randint(4, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(seed))
+    """[B,S] ids ≥ 3 (no pad, eos or unk): every prompt is full length."""
+    return torch.randint(3, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(seed))
 
 
 # ─── the two models ───────────────────────────────────────────────────────────────────────────────
@@ -84,15 +86,13 @@ def ours_without_eos(cfg: ModelConfig) -> Transformer:
 
 
 def hf_t5(cfg: ModelConfig):
-    from transformers import T5Config, T5ForConditionalGeneration
-    config = T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff,
-                      num_layers=cfg.n_enc_layers, num_decoder_layers=cfg.n_dec_layers, num_heads=cfg.n_heads,
-                      dropout_rate=0.0, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id,
-                      decoder_start_token_id=cfg.bos_id)
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(config).eval()
-    model.set_attn_implementation("eager")  # the only one that returns attention weights
-    return model
+    """Hugging Face's T5ForConditionalGeneration holding the same weights as ours_without_eos(cfg):
+    our model exported (rundir.export_hf) and loaded back — same architecture, same FLOPs."""
+    from transformers import T5ForConditionalGeneration
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(ours_without_eos(cfg), folder)
+        # eager: the only attention implementation that returns the weights
+        return T5ForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
 
 
 def hf_sample(hf, src_ids, num_samples: int, new_tokens: int) -> torch.Tensor:
@@ -181,14 +181,14 @@ def bench_sft_step(cfg: ModelConfig, pairs=256, prompt_len=24, response_len=32, 
     """Tokens/s (prompt + response) of forward, cross-entropy, backward and an AdamW step."""
     src = random_ids(pairs, prompt_len, cfg, seed=2)  # [B,S]
     response = random_ids(pairs, response_len, cfg, seed=3)  # [B,T]
-    decoder_in = torch.cat([torch.full((pairs, 1), cfg.bos_id), response[:, :-1]], dim=1)  # [B,T]: BOS + y<t
+    decoder_in = decoder_input(response, cfg.pad_id)  # [B,T]: start token + y<t
     tokens = pairs * (prompt_len + response_len)
 
     def ours_loss(model):
         logits, _ = model(src, decoder_in)  # [B,T,V]
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), response.flatten())
 
-    def hf_loss(model):  # T5 shifts `labels` right behind decoder_start_token_id = BOS: the same input
+    def hf_loss(model):  # T5 shifts `labels` right behind decoder_start_token_id = pad: the same input
         return model(input_ids=src, labels=response).loss
 
     def step_timer(model, loss_fn):
@@ -305,17 +305,18 @@ def matmul_size(device: str, dtype: str, target_s: float, threads: int) -> int:
 
 def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
     """(N_src, N_tgt): the matrix-product weights a source (prompt) token and a target (response)
-    token pass through — every nn.Linear weight and the tied output matrix, no biases, LayerNorms or
-    embedding lookups (a lookup is no product; the tied matrix counts once, as the output layer).
+    token pass through — every nn.Linear weight and the output matrix, no norms, position biases or
+    embedding lookups (a lookup is no product). With I = H·d_kv the width of the heads and f = 3
+    feed-forward matrices when gated, 2 when not:
 
-        N_src = L_enc·(4D² + 2D·F) + L_dec·2D²   encoder layers; each decoder layer's cross-attention
-                                                 K/V projection, which runs on the prompt's states
-        N_tgt = L_dec·(6D² + 2D·F) + V·D         self-attention Q,K,V,O; cross-attention Q,O; feed-
-                                                 forward; the tied output projection
+        N_src = L_enc·(4D·I + f·D·F) + L_dec·2D·I   encoder layers; each decoder layer's cross-
+                                                    attention K/V projection, run on the prompt's states
+        N_tgt = L_dec·(6D·I + f·D·F) + V·D          self-attention Q,K,V,O; cross-attention Q,O; feed-
+                                                    forward; the output projection
     """
-    D, F = cfg.d_model, cfg.d_ff
-    return (cfg.n_enc_layers * (4 * D * D + 2 * D * F) + cfg.n_dec_layers * 2 * D * D,
-            cfg.n_dec_layers * (6 * D * D + 2 * D * F) + cfg.vocab_size * D)
+    D, F, I, f = cfg.d_model, cfg.d_ff, cfg.inner_dim, 3 if cfg.gated else 2
+    return (cfg.n_enc_layers * (4 * D * I + f * D * F) + cfg.n_dec_layers * 2 * D * I,
+            cfg.n_dec_layers * (6 * D * I + f * D * F) + cfg.vocab_size * D)
 
 
 def forward_flops(cfg: ModelConfig, prompts: int, prompt_len: int, rows: int, response_len: int,
@@ -324,19 +325,19 @@ def forward_flops(cfg: ModelConfig, prompts: int, prompt_len: int, rows: int, re
     responses of T = response_len tokens (rows = prompts·N: the encoder and the cross-attention K/V
     run once per prompt, as in our model), counting a multiply-add as 2 FLOPs:
 
-        F_fwd = 2·N_src·B·S + 2·N_tgt·B·N·T + 4·D·(L_enc·B·S² + L_dec·B·N·(T(T+1)/2 + T·S))
+        F_fwd = 2·N_src·B·S + 2·N_tgt·B·N·T + 4·I·(L_enc·B·S² + L_dec·B·N·(T(T+1)/2 + T·S))
 
-    The last term is attention: q·kᵀ and weights·v cost 2·D FLOPs each per (query, key) pair summed
+    The last term is attention: q·kᵀ and weights·v cost 2·I FLOPs each per (query, key) pair summed
     over the heads, for the pairs the masks allow — S per encoder query, t+1 per causal decoder query
     (T(T+1)/2 in all; PaLM counts the full T², a ≤ 2× overcount of this term only), S per cross-
     attention query. Sampling with a KV cache does exactly this work too: step t attends to t+1 cached
     keys, so a rollout's forward FLOPs are those of a teacher-forced pass over the same tokens. Not
     counted: softmax, norms, activations, biases, the value head (all O(D) per token, < 1 % here)."""
-    D, S, T = cfg.d_model, prompt_len, response_len
+    I, S, T = cfg.inner_dim, prompt_len, response_len
     n_src, n_tgt = matmul_params(cfg)
     flops = 2 * n_src * prompts * S + 2 * n_tgt * rows * T
     if attention:
-        flops += 4 * D * (cfg.n_enc_layers * prompts * S * S + cfg.n_dec_layers * rows * (T * (T + 1) // 2 + T * S))
+        flops += 4 * I * (cfg.n_enc_layers * prompts * S * S + cfg.n_dec_layers * rows * (T * (T + 1) // 2 + T * S))
     return flops
 
 
@@ -392,7 +393,7 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
     sft_cfg = SFT_PRESETS.get(size, SFT_PRESETS["tiny"])
     B, S, T = batch_size or sft_cfg.batch_size, cfg.max_len // 2, cfg.max_len // 2
     src, tgt = random_ids(B, S, cfg, seed=7).to(dev), random_ids(B, T, cfg, seed=8).to(dev)
-    dec_in = torch.cat([torch.full((B, 1), cfg.bos_id, device=dev), tgt[:, :-1]], dim=1)
+    dec_in = decoder_input(tgt, cfg.pad_id)
     torch.manual_seed(0)
     with torch.device(dev):  # initialised in place: a 1.3B model would take a while on the CPU
         model = rt.prepare(Transformer(cfg))

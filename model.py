@@ -1,9 +1,16 @@
-"""The encoder–decoder Transformer of CAGSR (paper §3.1, §7.2), written out by hand.
+"""The encoder–decoder Transformer of CAGSR (paper §3.1, §7.2): T5, written out by hand.
 
 An encoder reads the prompt x once; a decoder writes the response y token by token and, at every
 step t and layer ℓ, attends to the prompt with a cross-attention distribution A_t^(ℓ) over the |x|
 prompt tokens. CAGSR's reward is built from Ā, the mean of those distributions over the heads and the
-last L' layers (§3.2), so this file's job beyond being a language model is to hand out Ā cheaply:
+last L' layers (§3.2).
+
+The architecture is T5's (Raffel et al. 2020), so that published T5, Flan-T5 and mT5 checkpoints load
+into it as a plain weight copy (hf.py): RMS layer norm, pre-norm residual blocks, projections without
+bias, a learned relative-position bias instead of position embeddings, no 1/√d in the attention scores,
+a ReLU (T5 v1.0) or gated-GELU (v1.1, Flan-T5, mT5) feed-forward, and an output layer that is either the
+embedding (v1.0, with a d_model^-0.5 rescale) or its own `lm_head`. Beyond being a language model this
+file's job is to hand out Ā cheaply:
 
 - one `Attention` module serves self- and cross-attention; it uses PyTorch's fused
   `scaled_dot_product_attention` unless the caller needs the weights, and only then computes the
@@ -12,7 +19,9 @@ last L' layers (§3.2), so this file's job beyond being a language model is to h
   key/value projections once per prompt (shared by its N samples, never copied), and records Ā of the
   last L' layers as a [B·N, T, S] tensor — never the full per-layer, per-head tuple.
 
-Shapes: B prompts, N samples per prompt, S prompt length, T response length, H heads, D model width.
+Token ids are T5's: pad 0 (also the decoder's start token), eos 1; there is no BOS.
+Shapes: B prompts, N samples per prompt, S prompt length, T response length, H heads, d head width,
+D model width.
 """
 import math
 from dataclasses import dataclass, replace
@@ -22,121 +31,197 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import hf
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 1536
     d_model: int = 256
     n_heads: int = 4
-    d_ff: int = 768
+    d_kv: int = 64  # width of one head; n_heads·d_kv need not equal d_model (mT5-small: 6·64 vs 512)
+    d_ff: int = 512
     n_enc_layers: int = 2
     n_dec_layers: int = 3
-    max_len: int = 64  # longest prompt and longest response, in tokens
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    gated: bool = True  # feed-forward: gated GELU (T5 v1.1, Flan-T5, mT5) or ReLU (T5 v1.0)
+    tied: bool = False  # output layer: the embedding matrix (v1.0) or a separate lm_head (v1.1 and later)
+    scale_output: bool = False  # multiply the decoder's output by d_model^-0.5 before the output layer (v1.0)
+    num_buckets: int = 32  # relative-position buckets (T5's relative_attention_num_buckets)
+    max_distance: int = 128  # distances from here on share the last bucket
+    eps: float = 1e-6  # RMS norm epsilon
+    max_len: int = 64  # longest prompt and longest response, in tokens (T5 has no limit; our buffers do)
+    pad_id: int = 0  # also the decoder's start token, as in T5
+    eos_id: int = 1
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def inner_dim(self) -> int:  # width of the concatenated heads
+        return self.n_heads * self.d_kv
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(),  # ≈4.6M parameters: trains in minutes on 2 CPU cores
-    "small": ModelConfig(vocab_size=4096, d_model=384, n_heads=6, d_ff=1536, n_enc_layers=4,
-                         n_dec_layers=4, max_len=128),
-    "base": ModelConfig(vocab_size=8192, d_model=768, n_heads=12, d_ff=3072, n_enc_layers=6,
-                        n_dec_layers=6, max_len=256),
-    "large": ModelConfig(vocab_size=16384, d_model=1024, n_heads=16, d_ff=4096, n_enc_layers=12,
+    "tiny": ModelConfig(),  # ≈4.9M parameters: trains from scratch in minutes on 2 CPU cores
+    "small": ModelConfig(vocab_size=4096, d_model=384, n_heads=6, d_ff=1024, n_enc_layers=4, n_dec_layers=4,
+                         max_len=128),
+    "base": ModelConfig(vocab_size=8192, d_model=768, n_heads=12, d_ff=2048, n_enc_layers=6, n_dec_layers=6,
+                        max_len=256),
+    "large": ModelConfig(vocab_size=16384, d_model=1024, n_heads=16, d_ff=2816, n_enc_layers=12,
                          n_dec_layers=12, max_len=256),
-    "1.3b": ModelConfig(vocab_size=32128, d_model=2048, n_heads=16, d_ff=6144, n_enc_layers=12,
+    "1.3b": ModelConfig(vocab_size=32128, d_model=2048, n_heads=32, d_ff=4096, n_enc_layers=12,
                         n_dec_layers=12, max_len=512),  # the paper's ≈1.3B model (§7.2)
 }
 
-NEG_INF = -1e9  # logit of tokens the policy may never emit (pad, bos); finite so 0·log 0 stays 0
+NEG_INF = -1e9  # logit of tokens the policy may never emit (pad); finite so 0·log 0 stays 0
 
 
-def attend(q, k, v, mask=None, causal=False, need_weights=False):
-    """softmax(q kᵀ / √d) v over the keys allowed by `mask` (True = may attend).
+class RMSNorm(nn.Module):
+    """T5's layer norm: y = w ⊙ x / √(mean(x²) + ε) — no mean subtracted, no bias, computed in fp32."""
 
-    q [B,H,Tq,d], k and v [B,H,Tk,d], mask broadcastable to [B,H,Tq,Tk]. With `need_weights` the
-    softmax is written out and its weights [B,H,Tq,Tk] returned; otherwise the fused kernel runs.
-    A masked key gets exp(−inf) = 0, i.e. exactly zero weight, on both paths.
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucket of r = key position − query position.
+
+    Bidirectional (encoder): half the buckets for r > 0, half for r ≤ 0; causal (decoder): only r ≤ 0
+    counts (later keys are masked anyway). Of a side's n buckets, distances |r| < n/2 get one bucket
+    each; larger ones share n/2 logarithmically spaced buckets up to max_distance, beyond which all
+    fall into the last: bucket = n/2 + ⌊log(|r| / (n/2)) / log(max_distance / (n/2)) · n/2⌋.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    exact = num_buckets // 2
+    log_bucket = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                          * (num_buckets - exact)).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < exact, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+    """One learned scalar per head and bucket, added to the attention scores. One instance per stack:
+    computed once per forward pass and shared by all its layers (cross-attention has none)."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.cfg, self.bidirectional = cfg, bidirectional
+        self.bias = nn.Embedding(cfg.num_buckets, cfg.n_heads)
+
+    def forward(self, n_queries: int, n_keys: int):  # -> [1,H,Tq,Tk]
+        dev = self.bias.weight.device
+        r = torch.arange(n_keys, device=dev)[None, :] - torch.arange(n_queries, device=dev)[:, None]
+        b = relative_position_bucket(r, self.bidirectional, self.cfg.num_buckets, self.cfg.max_distance)
+        return self.bias(b).permute(2, 0, 1)[None]
+
+
+def additive_mask(mask):
+    """Boolean mask (True = may attend) -> 0 / −inf to add to the scores."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def attend(q, k, v, bias=None, need_weights=False):
+    """softmax(q kᵀ + bias) v — without T5's missing 1/√d: its initialisation folds the scale into q.
+
+    q [B,H,Tq,d], k and v [B,H,Tk,d], bias broadcastable to [B,H,Tq,Tk]: position bias plus −inf on the
+    keys a query may not see. With `need_weights` the softmax is written out and its weights
+    [B,H,Tq,Tk] returned; otherwise the fused kernel runs. A −inf key gets exp(−inf) = 0, i.e. exactly
+    zero weight, on both paths.
     """
     if not need_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal), None
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B,H,Tq,Tk]
-    if causal:
-        Tq, Tk = scores.shape[-2:]
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0), None
+    scores = q @ k.transpose(-1, -2)  # [B,H,Tq,Tk]
+    if bias is not None:
+        scores = scores + bias
     weights = scores.float().softmax(dim=-1)  # fp32 even under bf16 autocast: Ā feeds the reward
     return weights.to(v.dtype) @ v, weights
 
 
 class Attention(nn.Module):
-    """Multi-head attention, for self-attention (keys from x) and cross-attention (keys from memory)."""
+    """Multi-head attention, for self-attention (keys from x) and cross-attention (keys from memory).
+    q, k, v, o are T5's names; none has a bias."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.h, self.d = cfg.n_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.h, self.d = cfg.n_heads, cfg.d_kv
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, cfg.inner_dim, bias=False) for _ in range(3))
+        self.o = nn.Linear(cfg.inner_dim, cfg.d_model, bias=False)
 
-    def split_heads(self, x):  # [B,T,D] -> [B,H,T,d]
+    def split_heads(self, x):  # [B,T,H·d] -> [B,H,T,d]
         return x.view(x.shape[0], x.shape[1], self.h, self.d).transpose(1, 2)
 
     def keys_values(self, x):  # [B,T,D] -> k, v each [B,H,T,d]
-        k, v = self.kv_proj(x).chunk(2, dim=-1)
-        return self.split_heads(k), self.split_heads(v)
+        return self.split_heads(self.k(x)), self.split_heads(self.v(x))
 
-    def forward(self, x, k, v, mask=None, causal=False, need_weights=False):
+    def forward(self, x, k, v, bias=None, need_weights=False):
         """x [B,T,D] queries; k, v [B',H,Tk,d] with B = B'·N: the N consecutive query rows of one
         key row (the N samples of one prompt) share its keys without copying them."""
-        B, T, D = x.shape
+        B, T, _ = x.shape
         n = B // k.shape[0]
-        q = self.split_heads(self.q_proj(x))  # [B,H,T,d]
+        q = self.split_heads(self.q(x))  # [B,H,T,d]
         if n > 1:  # fold the N samples into the query axis: [B'·N,H,T,d] -> [B',H,N·T,d]
             q = q.view(-1, n, self.h, T, self.d).transpose(1, 2).reshape(-1, self.h, n * T, self.d)
-        out, w = attend(q, k, v, mask, causal, need_weights)
+        out, w = attend(q, k, v, bias, need_weights)
         if n > 1:  # unfold: [B',H,N·T,·] -> [B'·N,H,T,·]
             out = out.view(-1, self.h, n, T, self.d).transpose(1, 2).reshape(B, self.h, T, self.d)
             if w is not None:
                 w = w.view(-1, self.h, n, T, w.shape[-1]).transpose(1, 2).reshape(B, self.h, T, -1)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, D)), w
+        return self.o(out.transpose(1, 2).reshape(B, T, self.h * self.d)), w
 
 
-class FeedForward(nn.Sequential):
+class FeedForward(nn.Module):
+    """wo(relu(wi x)) for T5 v1.0; wo(gelu(wi_0 x) ⊙ wi_1 x) with tanh-approximated GELU for v1.1."""
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        super().__init__()
+        self.gated = cfg.gated
+        if cfg.gated:
+            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        if self.gated:
+            return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+        return self.wo(F.relu(self.wi(x)))
 
 
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
-        self.ln2, self.ff = nn.LayerNorm(cfg.d_model), FeedForward(cfg)
+        self.ln1, self.attn = RMSNorm(cfg.d_model, cfg.eps), Attention(cfg)
+        self.ln2, self.ff = RMSNorm(cfg.d_model, cfg.eps), FeedForward(cfg)
 
-    def forward(self, x, src_mask):  # x [B,S,D], src_mask [B,1,1,S]
+    def forward(self, x, bias):  # x [B,S,D]; bias [B,H,S,S]: position bias + padding mask
         h = self.ln1(x)
-        x = x + self.attn(h, *self.attn.keys_values(h), mask=src_mask)[0]
+        x = x + self.attn(h, *self.attn.keys_values(h), bias=bias)[0]
         return x + self.ff(self.ln2(x))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1, self.self_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
-        self.ln2, self.cross_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
-        self.ln3, self.ff = nn.LayerNorm(cfg.d_model), FeedForward(cfg)
+        self.ln1, self.self_attn = RMSNorm(cfg.d_model, cfg.eps), Attention(cfg)
+        self.ln2, self.cross_attn = RMSNorm(cfg.d_model, cfg.eps), Attention(cfg)
+        self.ln3, self.ff = RMSNorm(cfg.d_model, cfg.eps), FeedForward(cfg)
 
-    def forward(self, x, cross_kv, src_mask, need_weights=False, cache=None, t=0):
+    def forward(self, x, cross_kv, self_bias, cross_bias, need_weights=False, cache=None, t=0):
         """Pre-norm block on x [B·N,T,D]. cross_kv: the prompt's keys/values [B,H,S,d], once per
         prompt — or the encoder memory [B,S,D], projected here (inside forward, where FSDP has gathered
-        this layer's weights). Teacher forcing (cache None) attends causally over x itself; sampling writes step t's
-        keys/values into `cache` [2,B·N,H,T_max,d] and attends over steps 0…t.
+        this layer's weights). self_bias: position bias plus causal mask for x's queries; cross_bias
+        [B,1,1,S]: the prompt's padding. Teacher forcing (cache None) attends over x itself; sampling
+        writes step t's keys/values into `cache` [2,B·N,H,T_max,d] and attends over steps 0…t.
         Returns the new x and the cross-attention weights [B·N,H,T,S] (or None)."""
         if isinstance(cross_kv, torch.Tensor):
             cross_kv = self.cross_attn.keys_values(cross_kv)
@@ -145,8 +230,8 @@ class DecoderLayer(nn.Module):
         if cache is not None:
             cache[0, :, :, t : t + 1], cache[1, :, :, t : t + 1] = k, v
             k, v = cache[0, :, :, : t + 1], cache[1, :, :, : t + 1]
-        x = x + self.self_attn(h, k, v, causal=cache is None)[0]
-        a, w = self.cross_attn(self.ln2(x), *cross_kv, mask=src_mask, need_weights=need_weights)
+        x = x + self.self_attn(h, k, v, bias=self_bias)[0]
+        a, w = self.cross_attn(self.ln2(x), *cross_kv, bias=cross_bias, need_weights=need_weights)
         x = x + a
         return x + self.ff(self.ln3(x)), w
 
@@ -154,7 +239,7 @@ class DecoderLayer(nn.Module):
 @dataclass
 class Rollout:
     """N sampled responses per prompt; row b·N + i is sample i of prompt b."""
-    tokens: torch.Tensor  # [B·N, T] long: response without BOS, ending in EOS, then pad_id
+    tokens: torch.Tensor  # [B·N, T] long: the response, ending in EOS, then pad_id
     logprobs: torch.Tensor  # [B·N, T] log π of each sampled token under the sampling distribution
     mask: torch.Tensor  # [B·N, T] bool: True up to and including the EOS
     cross_attn: torch.Tensor | None  # [B·N, T, S] Ā of the last L' decoder layers (0 where masked)
@@ -162,30 +247,57 @@ class Rollout:
     src_mask: torch.Tensor | None = None  # [B, 1, 1, S] True = real prompt token
 
 
+def banned_tokens(cfg: ModelConfig):
+    """[V] bool: pad, the decoder's start token and what follows EOS, is never a choice."""
+    return torch.arange(cfg.vocab_size) == cfg.pad_id
+
+
+def decoder_input(tokens, start_id: int):
+    """T5's "shift right": [start, y_1, …, y_{T−1}] — the decoder reads y_<t to predict y_t."""
+    return torch.cat([torch.full_like(tokens[:, :1], start_id), tokens[:, :-1]], dim=1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by encoder, decoder and output
-        # Learned positions, initialised at the token embeddings' scale. (Fixed sinusoids have norm
-        # √(D/2) ≈ 11 against ≈ 0.3 for a token, drowning which token it is: the model then failed
-        # to copy names from the prompt.)
-        self.pos = nn.Embedding(cfg.max_len + 1, cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by encoder and decoder (T5's `shared`)
+        self.enc_pos = RelativePositionBias(cfg, bidirectional=True)
+        self.dec_pos = RelativePositionBias(cfg, bidirectional=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
-        self.enc_norm, self.dec_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        banned = torch.zeros(cfg.vocab_size, dtype=torch.bool)
-        banned[[cfg.pad_id, cfg.bos_id]] = True
-        self.register_buffer("banned", banned, persistent=False)
+        self.enc_norm, self.dec_norm = RMSNorm(cfg.d_model, cfg.eps), RMSNorm(cfg.d_model, cfg.eps)
+        self.lm_head = None if cfg.tied else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.register_buffer("banned", banned_tokens(cfg), persistent=False)
         self.grad_checkpoint = False  # recompute layer activations in backward (runtime.Runtime sets it)
         self.apply(self._init)
 
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+    def _init(self, m):
+        """T5's initialisation: every matrix N(0, 1/fan-in), the query's divided by d as well — the 1/√d
+        that T5 leaves out of the scores; token embeddings N(0, 1); position biases N(0, 1/D). An untied
+        lm_head follows the fan-in rule, N(0, 1/D), so its logits start at unit scale like the tied
+        head's rescaled ones (Hugging Face draws it N(0, 1): logits of std √D at the first step)."""
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+        elif isinstance(m, Attention):  # after its q, k, v, o (apply visits children first)
+            with torch.no_grad():
+                m.q.weight.div_(math.sqrt(m.d))
+        elif isinstance(m, RelativePositionBias):
+            nn.init.normal_(m.bias.weight, std=self.cfg.d_model ** -0.5)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=1.0)
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "Transformer":
+        """A local Hugging Face T5-family checkpoint folder (config.json and the weights, see hf.py) as
+        our model, in fp32. Built on the meta device, so the weights are allocated once, as loaded."""
+        fields, weights = hf.read_checkpoint(folder)
+        with torch.device("meta"):
+            model = cls(ModelConfig(**fields))
+        hf.check_weights(weights, model.state_dict(), folder)
+        model.load_state_dict(weights, assign=True)
+        model.banned = banned_tokens(model.cfg)  # the one buffer not in the checkpoint
+        return model
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -206,19 +318,31 @@ class Transformer(nn.Module):
     # ---- encoder: once per prompt -------------------------------------------------------------
     def encode(self, src_ids):
         """src_ids [B,S] -> memory [B,S,D] and src_mask [B,1,1,S] (True = real prompt token)."""
-        if src_ids.shape[1] > self.cfg.max_len:
-            raise ValueError(f"prompt has {src_ids.shape[1]} tokens; this model reads at most {self.cfg.max_len}")
+        S = src_ids.shape[1]
+        if S > self.cfg.max_len:
+            raise ValueError(f"prompt has {S} tokens; this model reads at most {self.cfg.max_len}")
         src_mask = (src_ids != self.cfg.pad_id)[:, None, None, :]
-        x = self.embed(src_ids) + self.pos.weight[: src_ids.shape[1]]
+        bias = self.enc_pos(S, S) + additive_mask(src_mask)  # [B,H,S,S], once for all layers
+        x = self.embed(src_ids)
         for layer in self.encoder:
-            x = self.run_layer(layer, x, src_mask)
+            x = self.run_layer(layer, x, bias)
         return self.enc_norm(x), src_mask
 
-    def logits(self, h):  # [.., D] -> [.., V]; pad and bos are never emitted
-        return (self.dec_norm(h) @ self.embed.weight.T).masked_fill(self.banned, NEG_INF)
+    def logits(self, h):
+        """Final decoder states [..,D] (before the output norm) -> logits [..,V]; pad is never emitted."""
+        h = self.dec_norm(h)
+        if self.cfg.scale_output:
+            h = h * self.cfg.d_model ** -0.5
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return (h @ weight.T).masked_fill(self.banned, NEG_INF)
 
     def captured(self, layer_index: int, capture_last: int) -> bool:
         return layer_index >= self.cfg.n_dec_layers - capture_last
+
+    def self_bias(self, T: int):
+        """Decoder self-attention's position bias plus causal mask for T positions: [1,H,T,T]."""
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.embed.weight.device).tril()
+        return self.dec_pos(T, T) + additive_mask(causal)
 
     # ---- teacher forcing ----------------------------------------------------------------------
     def decoder_states(self, memory, src_mask, tgt_ids, capture_last=0):
@@ -228,23 +352,24 @@ class Transformer(nn.Module):
         T = tgt_ids.shape[1]
         if T > self.cfg.max_len + 1:
             raise ValueError(f"response has {T - 1} tokens; this model writes at most {self.cfg.max_len}")
-        x = self.embed(tgt_ids) + self.pos.weight[:T]
+        self_bias, cross_bias = self.self_bias(T), additive_mask(src_mask)
+        x = self.embed(tgt_ids)
         attn = []
         for i, layer in enumerate(self.decoder):
             need = self.captured(i, capture_last)
-            x, w = self.run_layer(layer, x, memory, src_mask, need_weights=need)
+            x, w = self.run_layer(layer, x, memory, self_bias, cross_bias, need_weights=need)
             if need:
                 attn.append(w.mean(dim=1))  # heads averaged: [B·N,T,S]
         return x, (torch.stack(attn).mean(dim=0) if attn else None)
 
     def decode(self, memory, src_mask, tgt_ids, capture_last=0):
-        """decoder_states, then the tied output layer: logits [B·N,T,V] and Ā (or None)."""
+        """decoder_states, then the output layer: logits [B·N,T,V] and Ā (or None)."""
         x, attn = self.decoder_states(memory, src_mask, tgt_ids, capture_last)
         return self.logits(x), attn
 
     def forward(self, src_ids, tgt_ids, capture_last=0):
-        """src_ids [B,S], tgt_ids [B·N,T] starting with BOS -> logits [B·N,T,V] (logits[:, t] predicts
-        the token after tgt_ids[:, t]) and Ā [B·N,T,S] of the last `capture_last` layers, or None."""
+        """src_ids [B,S], tgt_ids [B·N,T] = decoder_input(response) -> logits [B·N,T,V] (logits[:, t]
+        predicts the token after tgt_ids[:, t]) and Ā [B·N,T,S] of the last `capture_last` layers, or None."""
         memory, src_mask = self.encode(src_ids)
         return self.decode(memory, src_mask, tgt_ids, capture_last)
 
@@ -264,21 +389,23 @@ class Transformer(nn.Module):
         T_max = min(max_new_tokens or cfg.max_len, cfg.max_len)
         memory, src_mask = self.encode(src_ids)  # [B,S,D]
         cross_kv = [layer.cross_attn.keys_values(memory) for layer in self.decoder]  # [B,H,S,d] each
+        self_bias, cross_bias = self.self_bias(T_max), additive_mask(src_mask)  # step t reads row t
         BN, S, dev = src_ids.shape[0] * N, src_ids.shape[1], src_ids.device
-        cache = torch.zeros(len(self.decoder), 2, BN, cfg.n_heads, T_max, cfg.head_dim, device=dev,
+        cache = torch.zeros(len(self.decoder), 2, BN, cfg.n_heads, T_max, cfg.d_kv, device=dev,
                             dtype=memory.dtype)
         tokens = torch.full((BN, T_max), cfg.pad_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(BN, T_max, device=dev)
         mask = torch.zeros(BN, T_max, dtype=torch.bool, device=dev)
         attn = torch.zeros(BN, T_max, S, device=dev) if capture_last else None
         done = torch.zeros(BN, dtype=torch.bool, device=dev)
-        prev = torch.full((BN,), cfg.bos_id, dtype=torch.long, device=dev)
+        prev = torch.full((BN,), cfg.pad_id, dtype=torch.long, device=dev)  # the decoder start token
         for t in range(T_max):
-            x = self.embed(prev)[:, None] + self.pos.weight[t]  # [B·N,1,D]
+            x = self.embed(prev)[:, None]  # [B·N,1,D]
+            step_bias = self_bias[:, :, t : t + 1, : t + 1]
             step_attn = []
             for i, layer in enumerate(self.decoder):
                 need = self.captured(i, capture_last)
-                x, w = layer(x, cross_kv[i], src_mask, need_weights=need, cache=cache[i], t=t)
+                x, w = layer(x, cross_kv[i], step_bias, cross_bias, need_weights=need, cache=cache[i], t=t)
                 if need:
                     step_attn.append(w[:, :, 0].mean(dim=1))  # [B·N,S]
             u = uniforms[:, t : t + 1] if uniforms is not None else None

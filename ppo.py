@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from model import decoder_input
 from runtime import Runtime
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -189,8 +190,6 @@ class Batch:
     adv: torch.Tensor  # [B·N,T] A_t
 
 
-def with_bos(tokens, bos_id):
-    return torch.cat([torch.full_like(tokens[:, :1], bos_id), tokens], dim=1)
 
 
 @torch.no_grad()
@@ -207,7 +206,7 @@ def collect_rollout(policy, value_head, reference, src, reward_fn, cfg: PPOConfi
     t1 = time.perf_counter()
     reward, terms = reward_fn(r, src)  # from the sampling pass's Ā
     t2 = time.perf_counter()
-    dec_in = with_bos(r.tokens, policy.cfg.bos_id)[:, :-1]
+    dec_in = decoder_input(r.tokens, policy.cfg.pad_id)
     ref_logp = token_logprobs(reference(src, dec_in)[0], r.tokens, cfg.temperature)[0] * r.mask
     times = {"t_sample": t1 - t0, "t_reward": t2 - t1, "t_reference": time.perf_counter() - t2}
     v_old = value_head(r.memory, r.src_mask).repeat_interleave(n)  # [B·N], from the sampling pass's encoder
@@ -227,7 +226,7 @@ def ppo_update(model: ActorCritic, opt, batch: Batch, cfg: PPOConfig, gen: torch
     model.train()
     n, B = cfg.samples, batch.src.shape[0]
     params = [p for g in opt.param_groups for p in g["params"]]
-    bos_id = Runtime.unwrap(model).policy.cfg.bos_id
+    start_id = Runtime.unwrap(model).policy.cfg.pad_id
     logs = []
     for _ in range(cfg.epochs):
         for prompts in torch.randperm(B, generator=gen).chunk(cfg.minibatches):
@@ -239,7 +238,7 @@ def ppo_update(model: ActorCritic, opt, batch: Batch, cfg: PPOConfig, gen: torch
             local = mask.sum()
             share = rt.world * local / rt.all_sum(local)
             with rt.autocast():
-                logits, v = model(batch.src[prompts], with_bos(tokens, bos_id)[:, :-1], cfg.baseline == "value")
+                logits, v = model(batch.src[prompts], decoder_input(tokens, start_id), cfg.baseline == "value")
                 logp, entropy = token_logprobs(logits, tokens, cfg.temperature)
                 pg_loss, stats = policy_loss(logp, batch.old_logp[rows], batch.adv[rows], mask, cfg.clip_eps)
                 v_loss = value_loss(v.float().repeat_interleave(n), batch.v_old[rows], batch.returns[rows, 0],

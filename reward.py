@@ -54,7 +54,7 @@ class RewardConfig:
 #   - entities: capitalised words not starting a sentence, and words with a digit.
 # Padding, special tokens and pure punctuation pieces are never in I_x.
 
-SPECIAL_IDS = (0, 1, 2, 3)  # <pad>, <s>, </s>, <unk>; pass the tokenizer's own ids if they differ
+SPECIAL_IDS = (0, 1, 2)  # T5's <pad>, </s>, <unk>; pass the tokenizer's own ids if they differ
 WORD_START = "\u2581"  # "▁": sentencepiece marks the first piece of a word with it
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte fallback, e.g. "<0x41>"
 
@@ -181,7 +181,7 @@ def important_token_mask(
 ) -> torch.Tensor:
     """I_x of §3.2 as a mask: prompt_ids `[B, S]` → Bool `[B, S]`, True on every piece of a chosen word.
 
-    pieces[i] is the sentencepiece string of id i; special_ids are (pad, bos, eos, unk). Choose words
+    pieces[i] is the sentencepiece string of id i; special_ids are (pad, eos, unk). Choose words
     by IDF with top_k (default RewardConfig.top_k) or threshold, not both; entities are always chosen.
     """
     mask = torch.zeros(prompt_ids.shape, dtype=torch.bool)  # [B, S]
@@ -407,4 +407,4 @@ def reward_for(run: Path, tok, cfg: RewardConfig) -> AttentionReward:
         idf = load_idf(run / "idf.json")
     except (OSError, ValueError):
         raise CLIError(f"{run / 'idf.json'} is missing or corrupt: run `python cagsr.py prepare`")
-    return AttentionReward(idf, tok.pieces, (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id), cfg)
+    return AttentionReward(idf, tok.pieces, (tok.pad_id, tok.eos_id, tok.unk_id), cfg)

@@ -105,7 +105,7 @@ def train_rl(policy, reference, prompts, reward_fn, cfg: PPOConfig, last_layers:
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             state = rt.model_state(model)
             head = {k.removeprefix("value_head."): v for k, v in state.items() if k.startswith("value_head.")}
-            ck = {**model_checkpoint(policy, size, policy_state(state)), "optimizer": rt.optimizer_state(model, opt),
+            ck = {**model_checkpoint(policy, policy_state(state)), "optimizer": rt.optimizer_state(model, opt),
                   "value_head": head,
                   "order": order.get_state(), "rng": torch.get_rng_state(), "kl_coef": kl_ctl.coef, "step": it + 1}
             if rt.main:
@@ -159,7 +159,7 @@ def run_rl(run: Path, size: str, method: str, rdir: Path, cfg: PPOConfig, rcfg: 
     model, metrics = train_rl(policy, reference, prompts, reward_fn, cfg, rcfg.last_layers, rdir, seed, rt, size)
     state = policy_state(rt.model_state(model))
     if rt.main:
-        atomic_save(model_checkpoint(policy, size, state), final)
+        atomic_save(model_checkpoint(policy, state), final)
         plot_rl(metrics.read("rl"), rdir / "rl_curves.png")
         print(f"rl: wrote {final} and {rdir / 'rl_curves.png'}")
     rt.barrier()

@@ -3,6 +3,7 @@
     atomic_write, atomic_save    a crash leaves the old file or the new one, never half of one
     load_checkpoint, load_model  torch.load with weights_only=True: no pickled code is ever executed
     model_checkpoint             what load_model reads back
+    export_hf                    the model as a Hugging Face T5 checkpoint folder
     Metrics                      metrics.jsonl, one JSON object per logged step
     check_resume, CLIError       an interrupted stage continues only when asked; bad input is one line
 
@@ -11,12 +12,13 @@ sft.pt, and one folder per RL run (config.json, metrics.jsonl, rl.pt, rl_curves.
 """
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from model import PRESETS, Transformer
+import hf
+from model import ModelConfig, Transformer
 
 
 class CLIError(Exception):
@@ -58,23 +60,35 @@ def load_checkpoint(path: Path) -> dict:
         raise CLIError(f"checkpoint {path} is corrupt ({type(e).__name__}); delete it and rerun the stage")
 
 
-def model_checkpoint(model: Transformer, size: str, state=None, **extra) -> dict:
-    """What load_model reads back: the preset, the config fields that differ from it, the weights
-    (`state`, default model.state_dict()), and any `extra` entries of a resumable checkpoint."""
-    overrides = {k: v for k, v in asdict(model.cfg).items() if getattr(PRESETS[size], k) != v}
-    return {"size": size, "model_overrides": overrides, "model": model.state_dict() if state is None else state,
-            **extra}
+def model_checkpoint(model: Transformer, state=None, **extra) -> dict:
+    """What load_model reads back: the model's config, the weights (`state`, default
+    model.state_dict()), and any `extra` entries of a resumable checkpoint."""
+    return {"model_config": asdict(model.cfg), "model": model.state_dict() if state is None else state, **extra}
 
 
 def load_model(path: Path, device="cpu") -> Transformer:
     """The Transformer of a checkpoint written with model_checkpoint."""
     ckpt = load_checkpoint(path)
     try:
-        model = Transformer(replace(PRESETS[ckpt["size"]], **ckpt["model_overrides"]))
+        model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, TypeError, RuntimeError) as e:
         raise CLIError(f"checkpoint {path} does not hold a model of this project ({type(e).__name__})")
     return model.to(device)
+
+
+def export_hf(model: Transformer, folder, tokenizer_file=None) -> Path:
+    """Write `model` as a Hugging Face T5 checkpoint that T5ForConditionalGeneration.from_pretrained
+    reads: config.json, model.safetensors (weights renamed by hf.hf_name) and, when given, the
+    sentencepiece model as spiece.model — each file atomically."""
+    from safetensors.torch import save
+    folder = Path(folder)
+    tensors = {hf.hf_name(k): v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", json.dumps(hf.hf_config(model.cfg), indent=2) + "\n")
+    if tokenizer_file is not None:
+        atomic_write(folder / "spiece.model", Path(tokenizer_file).read_bytes())
+    return folder
 
 
 class Metrics:

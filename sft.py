@@ -15,7 +15,7 @@ from tqdm import tqdm
 import runtime
 from data import DATASETS, load_split
 from data.tokenizer import tokenizer_for
-from model import PRESETS, Transformer
+from model import PRESETS, Transformer, decoder_input
 from plots import plot_curves
 from rundir import CLIError, Metrics, atomic_save, atomic_write, check_resume, load_checkpoint, model_checkpoint
 
@@ -49,7 +49,7 @@ def encode_pairs(tok, records: list[dict], max_len: int) -> list[tuple[list[int]
     """(prompt ids, response ids + EOS) per record; a prompt or response too long is an error."""
     pairs = []
     for r in records:
-        src, tgt = tok.encode(r["prompt"]), tok.encode(r["response"], eos=True)
+        src, tgt = tok.encode(r["prompt"]), tok.encode(r["response"])
         if len(src) > max_len or len(tgt) > max_len:
             raise CLIError(f"record {r['id']} has {max(len(src), len(tgt))} tokens; the model takes {max_len}")
         pairs.append((src, tgt))
@@ -65,10 +65,11 @@ def pad(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 def collate(pairs, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher forcing: src [B,S], decoder input BOS + y [B,T], targets y + EOS [B,T] (pad where none)."""
+    """Teacher forcing: src [B,S], targets y + EOS [B,T] (pad where none), decoder input: the targets
+    shifted right behind the start token (model.decoder_input)."""
     src = pad([p for p, _ in pairs], cfg.pad_id)
     tgt = pad([y for _, y in pairs], cfg.pad_id)
-    dec_in = torch.cat([torch.full((len(pairs), 1), cfg.bos_id), tgt[:, :-1]], dim=1)
+    dec_in = decoder_input(tgt, cfg.pad_id)
     return src, dec_in, tgt
 
 
@@ -175,7 +176,7 @@ def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, rt=None, size
             with rt.autocast():  # every rank scores the whole validation set (FSDP needs them all)
                 row["val_ppl"] = perplexity(rt.unwrap(model), val, device=rt.device)
             row["val_loss"] = math.log(row["val_ppl"])
-            state = {**model_checkpoint(rt.unwrap(model), size, rt.model_state(model)),
+            state = {**model_checkpoint(rt.unwrap(model), rt.model_state(model)),
                      "optimizer": rt.optimizer_state(model, opt), "step": step, "order": order.get_state(),
                      "batches": batches, "pos": pos}
             if rt.main:
@@ -200,7 +201,7 @@ def run_sft(run: Path, size: str, cfg: SFTConfig, data: Path, rt, seed=0, force=
         return final
     check_resume(run / "sft-last.pt", resume, force)
     tok = tokenizer_for(run)
-    mcfg = replace(PRESETS[size], pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    mcfg = PRESETS[size]
     train = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "train", data)], mcfg.max_len)
     val = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "validation", data)], mcfg.max_len)
     val = val[:: max(1, len(val) // cfg.eval_pairs)][: cfg.eval_pairs]
@@ -210,7 +211,7 @@ def run_sft(run: Path, size: str, cfg: SFTConfig, data: Path, rt, seed=0, force=
     model, metrics = train_sft(mcfg, cfg, train, val, run, seed, rt, size=size)
     state = rt.model_state(model)
     if rt.main:
-        atomic_save(model_checkpoint(model, size, state), final)
+        atomic_save(model_checkpoint(model, state), final)
         plot_curves(metrics.read("sft"), ["loss", "val_loss"], run / "sft_loss.png", "supervised fine-tuning")
         print(f"sft: wrote {final} and {run / 'sft_loss.png'}")
     rt.barrier()

@@ -8,7 +8,7 @@ from data.synth import DATA_DIR, DATASETS, DataError, load_split
 from rundir import atomic_write
 
 TINY_VOCAB = 1536  # = the tiny preset in model.py; keeps both data sets inside their token ranges
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # T5's ids; like T5 there is no BOS
 
 
 def training_texts(root: Path = DATA_DIR) -> list[str]:
@@ -29,7 +29,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, path: Path) -> "Tokenizer
         num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
         # exact round trip of our ASCII text; unseen characters become bytes, never <unk>
         normalization_rule_name="identity", byte_fallback=True, split_digits=True,
-        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
         # a small corpus cannot fill a large vocabulary; take what it supports instead of failing
         hard_vocab_limit=False, minloglevel=2)
     path = Path(path)
@@ -38,7 +38,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, path: Path) -> "Tokenizer
 
 
 class Tokenizer:
-    """Thin wrapper: ids with fixed pad/bos/eos/unk = 0/1/2/3 and a `pieces` table for plots."""
+    """Thin wrapper around a sentencepiece model — ours, or a T5 checkpoint's spiece.model: T5's ids
+    pad/eos/unk = 0/1/2 (no BOS) and a `pieces` table for the reward's word boundaries and for plots."""
 
     def __init__(self, path: Path):
         path = Path(path)
@@ -51,25 +52,27 @@ class Tokenizer:
             raise DataError(f"{path}: tokenizer model is corrupt ({str(e).splitlines()[0]}); "
                             "delete it and run `python cagsr.py prepare`") from None
         self.path = path
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
-            self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id())
+        self.pad_id, self.eos_id, self.unk_id = self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id()
+        if (self.pad_id, self.eos_id) != (PAD_ID, EOS_ID):
+            raise DataError(f"{path}: pad/eos ids are {self.pad_id}/{self.eos_id}, not T5's {PAD_ID}/{EOS_ID}")
         self.vocab_size = self.sp.get_piece_size()
         self.pieces = [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+    def encode(self, text: str) -> list[int]:
+        """The pieces of `text` and EOS, as T5 reads a prompt and writes a response."""
+        return self.sp.encode(text) + [self.eos_id]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(list(texts))
 
     def decode(self, ids) -> str:
-        """Text of `ids` up to the first EOS; pad, BOS and ids beyond our vocabulary (the model's
+        """Text of `ids` up to the first EOS; pad and ids beyond the tokenizer's vocabulary (the model's
         vocabulary may be larger) are skipped."""
         out = []
         for i in map(int, ids):
             if i == self.eos_id:
                 break
-            if i not in (self.pad_id, self.bos_id) and 0 <= i < self.vocab_size:
+            if i != self.pad_id and 0 <= i < self.vocab_size:
                 out.append(i)
         return self.sp.decode(out)
 

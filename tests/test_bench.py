@@ -8,7 +8,7 @@ from bench import (bench_reward_share, bench_rl_iteration, bench_sampling, bench
                    table, train_flops)
 from model import PRESETS, Transformer
 
-CFG = replace(PRESETS["tiny"], vocab_size=97, d_model=32, n_heads=4, d_ff=64, max_len=16)
+CFG = replace(PRESETS["tiny"], vocab_size=97, d_model=32, n_heads=4, d_kv=8, d_ff=64, max_len=16)
 
 
 def test_sampling_and_reward_benchmarks_report_positive_throughput():
@@ -39,23 +39,23 @@ def test_train_benchmark_reports_tokens_per_second_and_an_mfu_below_one():
 
 
 def test_model_flops_agree_with_a_hand_count_and_with_torch_flop_counter():
-    cfg = replace(CFG, n_enc_layers=1, n_dec_layers=1)  # D 32, F 64, V 97
-    D, F, V = 32, 64, 97
-    # by hand: encoder layer Q,K,V,O + feed-forward, plus the decoder's cross-attention K,V (on the prompt);
-    # decoder layer self Q,K,V,O, cross Q,O, feed-forward, plus the tied output matrix
-    assert matmul_params(cfg) == (4 * D * D + 2 * D * F + 2 * D * D, 6 * D * D + 2 * D * F + V * D) == (10240, 13344)
-    # every parameter is a matmul weight except positions, norms and biases (the tied V·D counts once)
-    norms, biases = (2 + 3 + 2) * 2 * D, 2 * (F + D)
-    assert Transformer(cfg).num_parameters() == sum(matmul_params(cfg)) + (cfg.max_len + 1) * D + norms + biases
+    cfg = replace(CFG, d_kv=4, n_enc_layers=1, n_dec_layers=1)  # D 32, I = 4 heads · 4 = 16, gated F 64, V 97
+    D, I, F, V = 32, 16, 64, 97
+    # by hand: encoder layer Q,K,V,O + three feed-forward matrices, plus the decoder's cross-attention K,V
+    # (on the prompt); decoder layer self Q,K,V,O, cross Q,O, feed-forward, plus the output matrix
+    assert matmul_params(cfg) == (4 * D * I + 3 * D * F + 2 * D * I, 6 * D * I + 3 * D * F + V * D) == (9216, 12320)
+    # every parameter is a matmul weight except the embedding lookup, position biases and norms
+    norms, position = (2 + 3 + 2) * D, 2 * cfg.num_buckets * cfg.n_heads
+    assert Transformer(cfg).num_parameters() == sum(matmul_params(cfg)) + V * D + position + norms
 
     B, N, S, T = 2, 3, 5, 7  # 2 prompts, 3 responses each
-    attention = 4 * D * (B * S * S + B * N * (T * (T + 1) // 2 + T * S))  # encoder, causal self, cross pairs
-    assert forward_flops(cfg, B, S, B * N, T) == 2 * (10240 * B * S + 13344 * B * N * T) + attention
+    attention = 4 * I * (B * S * S + B * N * (T * (T + 1) // 2 + T * S))  # encoder, causal self, cross pairs
+    assert forward_flops(cfg, B, S, B * N, T) == 2 * (9216 * B * S + 12320 * B * N * T) + attention
     assert train_flops(cfg, B, S, B * N, T) == 3 * forward_flops(cfg, B, S, B * N, T)
 
     # torch's own count of the matrix products (nn.Linear and the output layer) of a forward and a backward
     model = Transformer(cfg)
-    src, tgt = torch.randint(4, V, (B, S)), torch.randint(4, V, (B * N, T))
+    src, tgt = torch.randint(3, V, (B, S)), torch.randint(3, V, (B * N, T))
     counter = FlopCounterMode(display=False)
     with counter:
         model(src, tgt)[0].sum().backward()

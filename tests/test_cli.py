@@ -16,7 +16,7 @@ from data import load_split
 from data.tokenizer import train_tokenizer, training_texts
 from model import PRESETS
 
-SMALL = replace(PRESETS["tiny"], d_model=64, n_heads=2, d_ff=128, n_enc_layers=1, n_dec_layers=2)
+SMALL = replace(PRESETS["tiny"], d_model=64, n_heads=2, d_kv=32, d_ff=128, n_enc_layers=1, n_dec_layers=2)
 
 
 from conftest import assert_one_line_error, interrupted_at_step, run_cli

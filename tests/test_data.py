@@ -121,10 +121,10 @@ def test_every_line_round_trips(records, tokenizer):
 
 def test_special_ids_and_decode_conventions(tokenizer):
     t = tokenizer
-    assert (t.pad_id, t.bos_id, t.eos_id, t.unk_id) == (0, 1, 2, 3)
+    assert (t.pad_id, t.eos_id, t.unk_id) == (0, 1, 2) and t.sp.bos_id() == -1  # T5's ids, no BOS
     assert len(t.pieces) == t.vocab_size <= TINY_VOCAB
-    ids = t.encode("The capital of Zorvania is Miltown.", bos=True, eos=True)
-    assert ids[0] == t.bos_id and ids[-1] == t.eos_id
+    ids = t.encode("The capital of Zorvania is Miltown.")
+    assert ids[-1] == t.eos_id and t.eos_id not in ids[:-1]
     # decoding stops at EOS, skips padding and ids the model may have beyond the tokenizer's vocab
     assert t.decode([t.pad_id] + ids + t.encode("junk") + [t.pad_id]) == "The capital of Zorvania is Miltown."
     assert t.decode(ids[:-1] + [t.vocab_size + 5]) == "The capital of Zorvania is Miltown."

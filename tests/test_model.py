@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model import PRESETS, Transformer, attend, build
+from model import PRESETS, Transformer, additive_mask, attend, build, decoder_input
 
-CFG = replace(PRESETS["tiny"], vocab_size=97, d_model=32, n_heads=4, d_ff=64, n_enc_layers=2,
+CFG = replace(PRESETS["tiny"], vocab_size=97, d_model=32, n_heads=4, d_kv=8, d_ff=64, n_enc_layers=2,
               n_dec_layers=3, max_len=16)
 
 
@@ -27,13 +27,14 @@ def prompts(lengths, S=None, seed=1):
     return ids
 
 
-def with_bos(tokens):
-    return torch.cat([torch.full((tokens.shape[0], 1), CFG.bos_id), tokens], dim=1)
+def with_start(tokens):
+    """The decoder's input for `tokens` plus one more position: logits[:, t] predicts tokens[:, t]."""
+    return decoder_input(torch.cat([tokens, tokens[:, :1]], dim=1), CFG.pad_id)
 
 
 def teacher_forced(model, src, rollout, capture_last):
     """Log-probs of the sampled tokens and Ā, recomputed in one forward pass."""
-    logits, attn = model(src, with_bos(rollout.tokens), capture_last=capture_last)
+    logits, attn = model(src, with_start(rollout.tokens), capture_last=capture_last)
     logp = logits[:, :-1].log_softmax(-1).gather(2, rollout.tokens[..., None])[..., 0]
     return logp, attn[:, :-1]
 
@@ -42,20 +43,24 @@ def test_explicit_attention_equals_sdpa():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
     mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])[:, None, None, :]
-    for kwargs in ({"mask": mask}, {}):
-        fused, _ = attend(q, k, v, **kwargs)
-        explicit, w = attend(q, k, v, need_weights=True, **kwargs)
+    position = torch.randn(1, 3, 5, 7)
+    for bias in (additive_mask(mask), position + additive_mask(mask), None):
+        fused, _ = attend(q, k, v, bias)
+        explicit, w = attend(q, k, v, bias, need_weights=True)
         torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=1e-5)
+        if bias is not None:
+            assert torch.all(w[1, :, :, 4:] == 0)  # masked keys: exactly zero weight
     q2 = torch.randn(2, 3, 7, 8)
-    fused, _ = attend(q2, k, v, causal=True)
-    explicit, w = attend(q2, k, v, causal=True, need_weights=True)
+    causal = additive_mask(torch.ones(7, 7, dtype=torch.bool).tril())
+    fused, _ = attend(q2, k, v, causal)
+    explicit, w = attend(q2, k, v, causal, need_weights=True)
     torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=1e-5)
     assert torch.all(w.triu(1) == 0)
 
 
 def test_cross_attention_rows_sum_to_one_and_padding_gets_exactly_zero(model):
     src = prompts([6, 3, 1], S=8)
-    tgt = with_bos(torch.randint(3, CFG.vocab_size, (3, 5)))
+    tgt = with_start(torch.randint(3, CFG.vocab_size, (3, 5)))
     for last in (1, 2, 3):
         _, attn = model(src, tgt, capture_last=last)  # [B,T,S]
         torch.testing.assert_close(attn.sum(-1), torch.ones(3, 6))
@@ -65,7 +70,7 @@ def test_cross_attention_rows_sum_to_one_and_padding_gets_exactly_zero(model):
 
 def test_decoder_is_causal(model):
     src = prompts([5, 7])
-    tgt = with_bos(torch.randint(3, CFG.vocab_size, (2, 6)))
+    tgt = with_start(torch.randint(3, CFG.vocab_size, (2, 6)))
     changed = tgt.clone()
     changed[:, 4] = (changed[:, 4] + 1) % CFG.vocab_size
     a, attn_a = model(src, tgt, capture_last=2)
@@ -93,10 +98,8 @@ def test_rollout_layout_eos_and_padding(model):
     cfg = replace(CFG, eos_id=5)
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
-    with torch.no_grad():  # logit 3 for EOS, ≈0 for the rest: P(EOS) ≈ 0.17 per step
-        m.dec_norm.weight.zero_()
-        m.dec_norm.bias.copy_(torch.nn.functional.one_hot(torch.tensor(0), cfg.d_model).float())
-        m.embed.weight[cfg.eos_id, 0] = 3.0
+    eos_logit = torch.zeros(cfg.vocab_size).index_fill(0, torch.tensor(cfg.eos_id), 3.0)
+    m.logits = lambda h: eos_logit.expand(*h.shape[:-1], -1)  # logit 3 for EOS, 0 else: P(EOS) ≈ 0.17 per step
     src = prompts([5, 5])
     src[1] = src[0]
     r = m.generate(src, num_samples=3, max_new_tokens=10)
@@ -107,13 +110,13 @@ def test_rollout_layout_eos_and_padding(model):
         assert torch.all(r.tokens[row, n:] == cfg.pad_id)
         assert (r.tokens[row, : n - 1] != cfg.eos_id).all()
         assert r.tokens[row, n - 1] == cfg.eos_id or n == r.tokens.shape[1]
-    assert not (r.tokens[r.mask] == cfg.pad_id).any() and not (r.tokens == cfg.bos_id).any()
+    assert not (r.tokens[r.mask] == cfg.pad_id).any()
 
 
 def test_padded_batch_gives_each_sequence_its_result_alone(model):
     lengths = [8, 3, 5]
     src = prompts(lengths, S=10)
-    tgt = with_bos(torch.randint(3, CFG.vocab_size, (3, 6)))
+    tgt = with_start(torch.randint(3, CFG.vocab_size, (3, 6)))
     logits, attn = model(src, tgt, capture_last=2)
     greedy = model.generate(src, greedy=True, max_new_tokens=8)
     for b, n in enumerate(lengths):

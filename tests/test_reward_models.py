@@ -29,7 +29,7 @@ from baselines import (
 )
 
 torch.set_num_threads(1)
-CFG = replace(PRESETS["tiny"], d_model=32, n_heads=2, d_ff=64, n_enc_layers=1, n_dec_layers=2)
+CFG = replace(PRESETS["tiny"], d_model=32, n_heads=2, d_kv=16, d_ff=64, n_enc_layers=1, n_dec_layers=2)
 STRUCTURAL = ("repeated", "truncated")  # what a randomly initialised body learns in 60 steps
 
 
