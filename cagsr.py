@@ -21,18 +21,20 @@ from pathlib import Path
 import torch
 
 import evaluate
+import hf
 import runtime
 from baselines import METHODS, RewardModelConfig
-from data import DATA_DIR, DATASETS, SPLITS, DataError, format_stats, length_stats, load_split
-from data.tokenizer import tokenizer_for, train_tokenizer, training_texts
+from data import DATA_DIR, SPLITS, DataError, format_stats, length_stats
+from data.user import is_user_data, records
+from data.tokenizer import Tokenizer, tokenizer_for, train_tokenizer, training_texts
 from model import PRESETS
 from plots import plot_attention
 from ppo import PPOConfig
 from reward import RewardConfig, fit_idf, reward_for, save_idf
 from rl import RL_PRESETS, run_rl
-from rundir import CLIError, Metrics, atomic_write, load_model
+from rundir import CLIError, Metrics, atomic_write, export_hf, load_model, record_init
 from runtime import GPUS, memory_plan
-from sft import SFT_PRESETS, SFTConfig, run_sft
+from sft import SFT_PRESETS, SFTConfig, encode_prompts, run_sft
 from table1 import check_methods, run_table1
 
 # ---- settings: the configuration dataclasses, overridden by the flags that were given ------------
@@ -61,38 +63,67 @@ def reward_configs(args) -> tuple[RewardConfig, RewardModelConfig]:
 
 
 def prepare(args) -> Path:
-    """Load and check the data sets, train the tokenizer on the training split, print length statistics."""
-    run = args.run
+    """Load and check the data, take the tokenizer of --init's checkpoint or train one on the training
+    split, fit I_x's IDF on the training prompts, print length statistics. Reuses what exists. Bad data
+    is found before anything is written."""
+    run, path = args.run, args.run / "tokenizer.model"
+    splits = {s: records(s, args.data) for s in SPLITS}
+    if args.init:  # the checkpoint's own tokenizer and length limit; checked before anything is written
+        max_len = hf.read_config(args.init)["max_len"]
+        tok = Tokenizer(hf.tokenizer_file(args.init))
+        for s in splits.values():
+            encode_prompts(tok, s, max_len)
+            encode_prompts(tok, [{**r, "prompt": r["response"]} for r in s if "response" in r], max_len)
     run.mkdir(parents=True, exist_ok=True)
-    records = {d: {s: load_split(d, s, args.data) for s in SPLITS} for d in DATASETS}
-    path = run / "tokenizer.model"
+    record_init(run, args.init)
     if not path.exists():
         train_tokenizer(training_texts(args.data), PRESETS[args.size].vocab_size, path)
     tok = tokenizer_for(run)
-    print(f"tokenizer: {tok.vocab_size} pieces, trained on the training split -> {path}")
+    print(f"tokenizer: {tok.vocab_size} pieces, " + (f"from {args.init}" if args.init else "trained on the training split")
+          + f" -> {path}")
     if not (run / "idf.json").exists():  # I_x of §3.2 needs word IDFs over the training prompts
-        save_idf(fit_idf([r["prompt"] for d in records.values() for r in d["train"]]), run / "idf.json")
-    print(format_stats(length_stats([r for d in records.values() for s in d.values() for r in s], tok)))
+        save_idf(fit_idf([r["prompt"] for r in splits["train"]]), run / "idf.json")
+    print(format_stats(length_stats([r for s in splits.values() for r in s], tok)))
     return path
 
 
+def prepared(args) -> None:
+    """prepare, unless the run directory is prepared already (then only check --init against it)."""
+    if (args.run / "idf.json").exists():
+        record_init(args.run, args.init)
+    else:
+        prepare(args)
+
+
 def sft(args) -> Path:
+    prepared(args)
     return run_sft(args.run, args.size, sft_config(args), args.data, args.rt, args.seed, args.force, args.resume)
 
 
 def rl(args) -> Path:
+    """RL from <run>/sft.pt, or with `rl --init DIR` straight from the pretrained checkpoint."""
     rcfg, rmcfg = reward_configs(args)
+    start = args.init if args.command == "rl" and args.init else None
+    prepared(args)
     return run_rl(args.run, args.size, args.method, args.run / (getattr(args, "name", None) or args.method),
-                  ppo_config(args), rcfg, args.data, args.rt, args.seed, rmcfg, args.force, args.resume)
+                  ppo_config(args), rcfg, args.data, args.rt, args.seed, rmcfg, args.force, args.resume, start)
+
+
+def export_cmd(args):
+    """A checkpoint of ours as a Hugging Face T5 folder, with the run's tokenizer as spiece.model."""
+    path = export_hf(load_model(args.checkpoint), args.hf, args.run / "tokenizer.model")
+    print(f"export: wrote {path}/ (config.json, model.safetensors, spiece.model); "
+          f"load it with T5ForConditionalGeneration.from_pretrained({str(path)!r})")
 
 
 def table1(args):
     """Table 1 and the ablations: prepare and SFT if needed, then every method × seed (table1.py)."""
     methods = args.methods.split(",") if args.methods else list(METHODS)
     check_methods(methods)  # before prepare and SFT, which take minutes
+    if is_user_data(args.data):
+        raise CLIError("table1 scores answers against the synthetic data sets' facts; run it without --data")
     if not args.report_only:
         args.resume = True
-        prepare(args)
         sft(args)
     rcfg, rmcfg = reward_configs(args)
     run_table1(args.run, args.size, methods, args.seeds, ppo_config(args), rcfg, rmcfg, args.data, args.rt,
@@ -150,7 +181,7 @@ def pipeline(args):
     prepare(args)
     sft(args)
     tok, sft_model = tokenizer_for(args.run), load_model(args.run / "sft.pt", args.device)
-    qa = load_split("qa", "test", args.data)[:5]
+    qa = records("test", args.data)[:5]
     for r, answer in zip(qa, evaluate.answers(sft_model, tok, [r["prompt"] for r in qa], device=args.device)):
         print(f"\n  prompt:    {r['prompt']}\n  model:     {answer}\n  reference: {r['response']}")
     rl(args)
@@ -202,7 +233,11 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--size", choices=list(PRESETS), default="tiny", help="model preset (default tiny)")
     common.add_argument("--out", type=Path, help="run directory (default runs/<size>)")
     common.add_argument("--seed", type=int, default=0, help="seed of the stage's training (default 0)")
-    common.add_argument("--data", type=Path, default=DATA_DIR, help="data set directory (default data/)")
+    common.add_argument("--data", type=Path, default=DATA_DIR,
+                        help="data: the synthetic data sets' folder (default data/), or your own FILE.jsonl or folder "
+                             "of train/validation/test.jsonl with {\"prompt\": ..., \"response\": ...} per line")
+    common.add_argument("--init", type=Path, help="start from this Hugging Face T5-family checkpoint folder "
+                                                  "(config.json, weights, spiece.model) instead of a fresh preset")
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     common.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: autocast the forward passes, keep fp32 master weights (default fp32)")
@@ -237,13 +272,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     t.add_argument("--eval-prompts", type=int, default=300, help="test prompts scored per data set (300, as §7.4)")
     t.add_argument("--report-only", action="store_true", help="only assemble the finished runs' scores")
+    x = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face T5 folder")
+    x.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint, e.g. runs/tiny/cagsr/rl.pt")
+    x.add_argument("--hf", type=Path, required=True, help="folder to write (config.json, model.safetensors, spiece.model)")
     pl = sub.add_parser("plan", parents=[common, rl_flags], help="memory needed to train a preset, and which GPUs fit")
     pl.add_argument("--gpus", type=int, default=8, help="processes of a --distributed plan (default 8)")
     return p
 
 
 COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "rl": rl, "eval": eval_cmd, "sample": sample_cmd,
-            "table1": table1}
+            "table1": table1, "export": export_cmd}
 
 
 def main(argv=None):

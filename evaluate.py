@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from data import DATA_DIR, DATASETS, SPLITS, load_split
+from data import DATA_DIR, SPLITS, load_split
+from data.user import data_sets, load
 from sft import encode_pairs, pad, perplexity
 
 # ---- 1. exact facts ------------------------------------------------------------------------------
@@ -240,14 +241,17 @@ def answer_and_reward(model, tok, records, reward_fn, last_layers=1, device="cpu
 
 
 def evaluate_policy(model, tok, reward_fn, last_layers=1, data=DATA_DIR, device="cpu") -> dict:
-    """On the test splits, from greedy answers: QA exact-fact accuracy; per data set the mean CAGSR
-    reward terms and response length, and the perplexity of the references."""
+    """On the test splits behind `data`, from greedy answers: QA exact-fact accuracy; per data set the
+    mean CAGSR reward terms and response length, and the perplexity of the references (where the
+    records have them: a user's RL-only prompts may not)."""
     result = {}
-    for d in DATASETS:
-        records = load_split(d, "test", data)
+    for d in data_sets(data):
+        records = load(d, "test", data)
         texts, terms = answer_and_reward(model, tok, records, reward_fn, last_layers, device)
         result.update({f"{d}_{k}": sum(v) / len(v) for k, v in terms.items() if k != "below_floor"})
-        result[f"{d}_test_ppl"] = perplexity(model, encode_pairs(tok, records, model.cfg.max_len), device=device)
+        references = [r for r in records if "response" in r]
+        if references:
+            result[f"{d}_test_ppl"] = perplexity(model, encode_pairs(tok, references, model.cfg.max_len), device=device)
         if d == "qa":
             result["qa_fact_accuracy"] = fact_accuracy(texts, records)
     return result

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 # our module name -> T5's, inside encoder.block.{i}.layer. / decoder.block.{i}.layer.
@@ -107,26 +107,59 @@ def model_config(conf: dict, names: set[str]) -> dict:
         pad_id=conf.get("pad_token_id", 0), eos_id=conf.get("eos_token_id", 1))
 
 
+def tokenizer_file(folder) -> Path:
+    """The checkpoint's sentencepiece model (T5's spiece.model), which data/tokenizer.py reads."""
+    path = Path(folder) / "spiece.model"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a T5 checkpoint folder holds its sentencepiece model beside the weights")
+    return path
+
+
+def read_config_json(folder: Path) -> dict:
+    """config.json of a T5-family checkpoint folder, checked."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (pass the folder holding config.json and the weights)")
+    path = folder / "config.json"
+    try:
+        conf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; not a Hugging Face checkpoint folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict) or conf.get("model_type") not in ("t5", "mt5"):
+        kind = conf.get("model_type") if isinstance(conf, dict) else None
+        raise CheckpointError(f"{path}: model_type {kind!r} is not a T5-family model (t5 or mt5)")
+    return conf
+
+
+def fields(folder: Path, conf: dict, names: set[str]) -> dict:
+    try:
+        return model_config(conf, names)
+    except KeyError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: has no {e.args[0]!r}") from None
+
+
+def read_config(folder) -> dict:
+    """ModelConfig fields of a checkpoint folder, without loading its weights (safetensors)."""
+    folder = Path(folder)
+    conf, names = read_config_json(folder), set()
+    for path in weight_files(folder):
+        if path.suffix != ".safetensors":
+            return fields(folder, conf, set(read_weights(folder)))
+        try:
+            with safe_open(path, "pt") as f:
+                names |= set(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: corrupt weight file ({str(e).splitlines()[0]})") from None
+    return fields(folder, conf, names)
+
+
 def read_checkpoint(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     """(ModelConfig fields, weights by model.py's names in fp32) of a local T5-family checkpoint folder."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (pass the folder holding config.json and the weights)")
-    config_path = folder / "config.json"
-    try:
-        conf = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{config_path}: missing; not a Hugging Face checkpoint folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(conf, dict) or conf.get("model_type") not in ("t5", "mt5"):
-        kind = conf.get("model_type") if isinstance(conf, dict) else None
-        raise CheckpointError(f"{config_path}: model_type {kind!r} is not a T5-family model (t5 or mt5)")
+    conf = read_config_json(folder)
     weights = read_weights(folder)
-    try:
-        config = model_config(conf, set(weights))
-    except KeyError as e:
-        raise CheckpointError(f"{config_path}: has no {e.args[0]!r}") from None
+    config = fields(folder, conf, set(weights))
     ours = {}
     for name, tensor in weights.items():
         mine = our_name(name)

@@ -15,14 +15,14 @@ from tqdm import tqdm
 
 import runtime
 from baselines import RewardModelConfig, reward_for_method
-from data import DATASETS, load_split
+from data.user import records
 from data.tokenizer import tokenizer_for
 from plots import plot_rl
 from ppo import ActorCritic, AdaptiveKL, PPOConfig, ValueHead, collect_rollout, explained_variance, ppo_update
 from reward import RewardConfig
 from rundir import CLIError, Metrics, atomic_save, atomic_write, check_resume, load_checkpoint, load_model, \
     model_checkpoint
-from sft import pad
+from sft import encode_prompts, pad
 
 # The paper's lr 1e-5 is for a 1.3B model; a 4.6M model needs larger steps to move in a few dozen
 # iterations. The SFT policy is nearly deterministic, so the N samples of a prompt differ in reward by
@@ -138,8 +138,9 @@ def warn_reward_hacking(history: list[dict], bar):
 
 
 def run_rl(run: Path, size: str, method: str, rdir: Path, cfg: PPOConfig, rcfg: RewardConfig, data: Path, rt,
-           seed=0, rmcfg=RewardModelConfig(), force=False, resume=False) -> Path:
-    """One RL run of `method` from <run>/sft.pt into rdir: config.json, metrics.jsonl, rl_curves.png and
+           seed=0, rmcfg=RewardModelConfig(), force=False, resume=False, start: Path | None = None) -> Path:
+    """One RL run of `method` from `start` (default <run>/sft.pt; a Hugging Face checkpoint folder runs
+    CAGSR straight from a pretrained model) into rdir: config.json, metrics.jsonl, rl_curves.png and
     rl.pt; a finished run is reused unless `force`."""
     final = rdir / "rl.pt"
     if final.exists() and not force:
@@ -148,11 +149,13 @@ def run_rl(run: Path, size: str, method: str, rdir: Path, cfg: PPOConfig, rcfg: 
     rdir.mkdir(parents=True, exist_ok=True)
     check_resume(rdir / "rl-last.pt", resume, force)
     tok = tokenizer_for(run)
-    policy, reference = (load_model(run / "sft.pt", rt.device) for _ in range(2))
+    start = start or run / "sft.pt"
+    policy, reference = (load_model(start, rt.device) for _ in range(2))
     reference.eval().requires_grad_(False)
-    prompts = [tok.encode(r["prompt"]) for d in DATASETS for r in load_split(d, "train", data)]
+    prompts = encode_prompts(tok, records("train", data), policy.cfg.max_len)
     if rt.main:
-        atomic_write(rdir / "config.json", json.dumps({"method": method, "seed": seed, "ppo": asdict(cfg),
+        atomic_write(rdir / "config.json", json.dumps({"method": method, "seed": seed, "start": str(start),
+                                                       "data": str(data), "ppo": asdict(cfg),
                                                        "reward": asdict(rcfg)}, indent=2))
         print(f"rl: {method}, seed {seed}, {cfg.iterations} iterations of {cfg.batch_prompts} prompts × {cfg.samples}")
     reward_fn = reward_for_method(method, run, rcfg, rmcfg, data, rt, seed)

@@ -4,6 +4,7 @@
     load_checkpoint, load_model  torch.load with weights_only=True: no pickled code is ever executed
     model_checkpoint             what load_model reads back
     export_hf                    the model as a Hugging Face T5 checkpoint folder
+    record_init, run_init        which pretrained checkpoint (--init) a run directory starts from
     Metrics                      metrics.jsonl, one JSON object per logged step
     check_resume, CLIError       an interrupted stage continues only when asked; bad input is one line
 
@@ -67,7 +68,9 @@ def model_checkpoint(model: Transformer, state=None, **extra) -> dict:
 
 
 def load_model(path: Path, device="cpu") -> Transformer:
-    """The Transformer of a checkpoint written with model_checkpoint."""
+    """The Transformer of a checkpoint written with model_checkpoint, or of a Hugging Face T5 folder."""
+    if Path(path).is_dir():
+        return Transformer.from_pretrained(path).to(device)
     ckpt = load_checkpoint(path)
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
@@ -89,6 +92,29 @@ def export_hf(model: Transformer, folder, tokenizer_file=None) -> Path:
     if tokenizer_file is not None:
         atomic_write(folder / "spiece.model", Path(tokenizer_file).read_bytes())
     return folder
+
+
+def record_init(run: Path, init: Path | None) -> None:
+    """Tie the run directory to the checkpoint folder it starts from (--init): the folder's spiece.model
+    becomes the run's tokenizer.model and init.json names both. A run directory prepared from another
+    starting point is an error, never silently mixed."""
+    marker = run / "init.json"
+    before = json.loads(marker.read_text())["init"] if marker.exists() else None
+    now = str(Path(init).resolve()) if init else None
+    if (run / "tokenizer.model").exists() and before != now:
+        raise CLIError(f"{run} was prepared from {before or 'its own tokenizer'}, not {now or 'its own tokenizer'}: "
+                       "use another --out")
+    if init is None or marker.exists():
+        return
+    tokenizer = hf.tokenizer_file(init)
+    atomic_write(run / "tokenizer.model", tokenizer.read_bytes())
+    atomic_write(marker, json.dumps({"init": now, "tokenizer": str(tokenizer.resolve())}, indent=2))
+
+
+def run_init(run: Path) -> Path | None:
+    """The checkpoint folder the run directory was prepared from, or None (record_init)."""
+    marker = run / "init.json"
+    return Path(json.loads(marker.read_text())["init"]) if marker.exists() else None
 
 
 class Metrics:

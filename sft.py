@@ -5,7 +5,7 @@ learning-rate schedule and the batch order, the training loop, and the stage tha
 """
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import runtime
-from data import DATASETS, load_split
+import hf
+from data.user import records
 from data.tokenizer import tokenizer_for
-from model import PRESETS, Transformer, decoder_input
+from model import PRESETS, ModelConfig, Transformer, decoder_input
 from plots import plot_curves
-from rundir import CLIError, Metrics, atomic_save, atomic_write, check_resume, load_checkpoint, model_checkpoint
+from rundir import CLIError, Metrics, atomic_save, atomic_write, check_resume, load_checkpoint, model_checkpoint, \
+    run_init
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,22 @@ SFT_PRESETS = {
 # ---- data → tensors -------------------------------------------------------------------------
 
 
+def encode_prompts(tok, records: list[dict], max_len: int) -> list[list[int]]:
+    """Prompt ids + EOS per record; a prompt longer than the model reads is an error naming the record."""
+    prompts = [tok.encode(r["prompt"]) for r in records]
+    for r, ids in zip(records, prompts):
+        if len(ids) > max_len:
+            raise CLIError(f"{r['id']}: prompt has {len(ids)} tokens; the model reads at most {max_len}")
+    return prompts
+
+
 def encode_pairs(tok, records: list[dict], max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + EOS) per record; a prompt or response too long is an error."""
-    pairs = []
+    """(prompt ids, response ids) per record, each ending in EOS; too long or no response is an error."""
     for r in records:
-        src, tgt = tok.encode(r["prompt"]), tok.encode(r["response"])
-        if len(src) > max_len or len(tgt) > max_len:
-            raise CLIError(f"record {r['id']} has {max(len(src), len(tgt))} tokens; the model takes {max_len}")
-        pairs.append((src, tgt))
-    return pairs
+        if "response" not in r:
+            raise CLIError(f"{r['id']}: no \"response\"; supervised fine-tuning needs one (rl --init runs need only prompts)")
+    responses = encode_prompts(tok, [{**r, "prompt": r["response"]} for r in records], max_len)
+    return list(zip(encode_prompts(tok, records, max_len), responses))
 
 
 def pad(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -116,8 +125,9 @@ def perplexity(model, pairs, batch_size=128, device="cpu") -> float:
     return math.exp(total / count)
 
 
-def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, rt=None, size="tiny", quiet=False):
-    """The training loop. Every `eval_every` steps: validation loss/perplexity, and a resumable
+def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, rt=None, quiet=False, init=None):
+    """The training loop, from a fresh model of config `mcfg` or from the pretrained checkpoint folder
+    `init` (then mcfg is the checkpoint's, see hf.py). Every `eval_every` steps: validation loss/perplexity, and a resumable
     checkpoint (sft-last.pt: model, optimizer, step, data order RNG) so an interrupted run continues.
     `rt` (runtime.Runtime) places the model; in a distributed run each rank takes an equal slice of
     every global batch of `cfg.batch_size` pairs. Returns the trained model and the metrics file."""
@@ -126,7 +136,7 @@ def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, rt=None, size
         raise CLIError(f"--batch-size {cfg.batch_size} does not split evenly over {rt.world} processes")
     torch.manual_seed(seed)
     run.mkdir(parents=True, exist_ok=True)
-    model = Transformer(mcfg)
+    model = Transformer.from_pretrained(init) if init else Transformer(mcfg)
     order = torch.Generator().manual_seed(seed)
     metrics, last, step = Metrics(run / "metrics.jsonl"), run / "sft-last.pt", 0
     lengths = torch.tensor([len(x) + len(y) for x, y in train])
@@ -193,22 +203,24 @@ def train_sft(mcfg, cfg: SFTConfig, train, val, run: Path, seed=0, rt=None, size
 
 
 def run_sft(run: Path, size: str, cfg: SFTConfig, data: Path, rt, seed=0, force=False, resume=False) -> Path:
-    """Cross-entropy fine-tuning with AdamW on both data sets' training splits; writes <run>/sft.pt
-    (and sft_loss.png), or reuses it unless `force`."""
+    """Cross-entropy fine-tuning with AdamW on the training split behind `data` (both synthetic data
+    sets, or the user's JSONL), of the `size` preset or of the checkpoint the run was prepared from
+    (rundir.record_init); writes <run>/sft.pt (and sft_loss.png), or reuses it unless `force`."""
     final = run / "sft.pt"
     if final.exists() and not force:
         print(f"sft: reusing {final}")
         return final
     check_resume(run / "sft-last.pt", resume, force)
     tok = tokenizer_for(run)
-    mcfg = PRESETS[size]
-    train = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "train", data)], mcfg.max_len)
-    val = encode_pairs(tok, [r for d in DATASETS for r in load_split(d, "validation", data)], mcfg.max_len)
+    init = run_init(run)
+    mcfg = ModelConfig(**hf.read_config(init)) if init else PRESETS[size]
+    train = encode_pairs(tok, records("train", data), mcfg.max_len)
+    val = encode_pairs(tok, records("validation", data), mcfg.max_len)
     val = val[:: max(1, len(val) // cfg.eval_pairs)][: cfg.eval_pairs]
     if rt.main:
-        config = {"size": size, "model": asdict(mcfg), "sft": asdict(cfg)}
+        config = {"size": size, "init": init and str(init), "data": str(data), "model": asdict(mcfg), "sft": asdict(cfg)}
         atomic_write(run / "config.json", json.dumps(config, indent=2))
-    model, metrics = train_sft(mcfg, cfg, train, val, run, seed, rt, size=size)
+    model, metrics = train_sft(mcfg, cfg, train, val, run, seed, rt, init=init)
     state = rt.model_state(model)
     if rt.main:
         atomic_save(model_checkpoint(model, state), final)

@@ -299,14 +299,14 @@ def load_split(dataset: str, split: str, root: Path = DATA_DIR) -> list[dict]:
 # --- Length statistics (printed by `cagsr.py prepare`) ---------------------------------------------
 
 def length_stats(records: list[dict], tokenizer) -> dict:
-    """{dataset: {field: {"min", "mean", "p50", "max"}}} in tokens (no BOS/EOS), for the prompt, the
+    """{dataset: {field: {"min", "mean", "p50", "max"}}} in tokens (without EOS), for the prompt, the
     QA question inside it (the paper's 5–20-token range applies to it) and the response."""
     stats: dict = {}
     for dataset in sorted({r["dataset"] for r in records}):
         rows = [r for r in records if r["dataset"] == dataset]
         stats[dataset] = {}
-        for field in [f for f in ("prompt", "question", "response") if f in rows[0]]:
-            n = sorted(len(ids) for ids in tokenizer.encode_batch([r[field] for r in rows]))
+        for field in [f for f in ("prompt", "question", "response") if any(f in r for r in rows)]:
+            n = sorted(len(ids) for ids in tokenizer.encode_batch([r[field] for r in rows if field in r]))
             stats[dataset][field] = {"min": n[0], "mean": sum(n) / len(n), "p50": n[len(n) // 2],
                                      "max": n[-1]}
     return stats

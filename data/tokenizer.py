@@ -4,7 +4,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data.synth import DATA_DIR, DATASETS, DataError, load_split
+from data.synth import DATA_DIR, DataError
+from data.user import records
 from rundir import atomic_write
 
 TINY_VOCAB = 1536  # = the tiny preset in model.py; keeps both data sets inside their token ranges
@@ -12,9 +13,8 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # T5's ids; like T5 there is no BOS
 
 
 def training_texts(root: Path = DATA_DIR) -> list[str]:
-    """Prompts and responses of the training split of both data sets: nothing from validation/test."""
-    return [rec[field] for dataset in DATASETS for rec in load_split(dataset, "train", root)
-            for field in ("prompt", "response")]
+    """Prompts and responses of the training split behind --data: nothing from validation/test."""
+    return [rec[field] for rec in records("train", root) for field in ("prompt", "response") if field in rec]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, path: Path) -> "Tokenizer":
