@@ -31,6 +31,7 @@ import torch
 
 from model import PRESETS, ModelConfig, Transformer, decoder_input
 from reward import cagsr_reward
+from hf import read_config
 from rundir import export_hf
 
 HERE = Path(__file__).resolve().parent
@@ -76,11 +77,12 @@ def random_ids(B: int, S: int, cfg: ModelConfig, seed: int) -> torch.Tensor:
 
 # ─── the two models ───────────────────────────────────────────────────────────────────────────────
 
-def ours_without_eos(cfg: ModelConfig) -> Transformer:
-    """Our model with EOS added to the tokens it may never emit (the `banned` buffer), so every sample
-    runs the full number of steps — the counterpart of HF's `min_new_tokens`."""
+def ours_without_eos(cfg: ModelConfig, init=None) -> Transformer:
+    """Our model (random, or the checkpoint folder `init`) with EOS added to the tokens it may never
+    emit (the `banned` buffer), so every sample runs the full number of steps — the counterpart of HF's
+    `min_new_tokens`."""
     torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    model = (Transformer.from_pretrained(init) if init else Transformer(cfg)).eval()
     model.banned[cfg.eos_id] = True
     return model
 
@@ -236,7 +238,7 @@ def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
     from ppo import ActorCritic, PPOConfig, ValueHead, collect_rollout, ppo_update
     from reward import AttentionReward
 
-    pieces = ["<pad>", "<s>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(cfg.vocab_size - 4)]
+    pieces = ["<pad>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(cfg.vocab_size - 3)]
     reward_fn = AttentionReward({}, pieces)
     policy = ours_without_eos(cfg)
     reference = copy.deepcopy(policy).requires_grad_(False)
@@ -355,8 +357,10 @@ def train_flops(cfg: ModelConfig, prompts: int, prompt_len: int, rows: int, resp
 
 def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConfig | None = None,
                 batch_size: int | None = None, prompts: int | None = None, compile=False,
-                grad_checkpoint=False) -> dict:
-    """Tokens/s and MFU of training, as cagsr.py trains, on random ids of the preset's shapes:
+                grad_checkpoint=False, init=None) -> dict:
+    """Tokens/s and MFU of training, as cagsr.py trains, on random ids of the preset's shapes (of a
+    loaded checkpoint's with `init`, a Hugging Face T5 folder: its weights, its config, the `size`
+    preset's SFT and PPO settings):
 
     - SFT: one step of train_sft — forward under autocast, summed token NLL over the target tokens,
       backward, gradient clipping, AdamW — on the preset's SFT batch (or `batch_size`) of full-length
@@ -396,7 +400,7 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
     dec_in = decoder_input(tgt, cfg.pad_id)
     torch.manual_seed(0)
     with torch.device(dev):  # initialised in place: a 1.3B model would take a while on the CPU
-        model = rt.prepare(Transformer(cfg))
+        model = rt.prepare(Transformer.from_pretrained(init).to(dev) if init else Transformer(cfg))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": sft_cfg.weight_decay},
@@ -429,10 +433,10 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
         ppo_cfg = replace(ppo_cfg, batch_prompts=prompts)
     B, N, S = ppo_cfg.batch_prompts, ppo_cfg.samples, cfg.max_len // 2
     vocab = cfg.vocab_size
-    pieces = ["<pad>", "<s>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(vocab - 4)]
+    pieces = ["<pad>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(vocab - 3)]
     reward_fn = AttentionReward({}, pieces)
     with torch.device(dev):
-        policy = ours_without_eos(cfg)
+        policy = ours_without_eos(cfg, init).to(dev)
         head = ValueHead(cfg.d_model)
     reference = copy.deepcopy(policy).requires_grad_(False)
     model = rt.prepare(ActorCritic(policy, head), ppo_cfg.baseline != "value", shard_layers=False)
@@ -551,6 +555,7 @@ def main(argv=None):
     parser.add_argument("--grad-checkpoint", action="store_true", help="train only: recompute activations in backward")
     parser.add_argument("--batch-size", type=int, help="train only: SFT pairs per step (default: the preset's)")
     parser.add_argument("--prompts", type=int, help="train only: prompts per RL iteration (default: the preset's)")
+    parser.add_argument("--init", help="train only: a Hugging Face T5-family checkpoint folder to load and measure")
     parser.add_argument("--out", default="runs/bench", help="folder of bench.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -563,7 +568,11 @@ def main(argv=None):
         device = resolve_device(args.device)
     except LaunchError as e:
         parser.error(str(e))
-    cfg, results, m = PRESETS[args.size], {}, machine(device)  # load average before our own runs add to it
+    cfg, results, m = PRESETS[args.size], {}, machine(device)
+    if args.init:
+        if only - {"train"}:
+            parser.error("--init measures the train benchmark only: add --only train")
+        cfg = ModelConfig(**read_config(args.init))  # load average before our own runs add to it
     if "sampling" in only:
         results["sampling"] = bench_sampling(cfg, repeats=args.repeats, size=args.size)
     if "sft" in only:
@@ -575,7 +584,7 @@ def main(argv=None):
     if "train" in only:
         results["train"] = bench_train(args.size, device, args.dtype, args.repeats, batch_size=args.batch_size,
                                        prompts=args.prompts, compile=args.compile,
-                                       grad_checkpoint=args.grad_checkpoint)
+                                       grad_checkpoint=args.grad_checkpoint, cfg=cfg, init=args.init)
     gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
           f"load {m['load_1min']:.1f}{gpu}, preset {args.size}, median of {args.repeats} after one warm-up\n")

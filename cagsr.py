@@ -27,7 +27,7 @@ from baselines import METHODS, RewardModelConfig
 from data import DATA_DIR, SPLITS, DataError, format_stats, length_stats
 from data.user import is_user_data, records
 from data.tokenizer import Tokenizer, tokenizer_for, train_tokenizer, training_texts
-from model import PRESETS
+from model import PRESETS, ModelConfig
 from plots import plot_attention
 from ppo import PPOConfig
 from reward import RewardConfig, fit_idf, reward_for, save_idf
@@ -160,12 +160,18 @@ def sample_cmd(args):
 
 
 def plan_cmd(args):
-    """Memory needed to train a preset with RL (runtime.memory_plan), and which GPUs it fits."""
+    """Memory needed to train a preset, an --init checkpoint or a --published one with RL
+    (runtime.memory_plan), and which GPUs it fits."""
     gpus, cfg = args.gpus if args.distributed else 1, ppo_config(args)
-    p = memory_plan(args.size, args.dtype, cfg.batch_prompts, cfg.samples, cfg.minibatches, args.grad_checkpoint,
+    name, model = args.size, PRESETS[args.size]
+    if args.init or args.published:
+        name = args.published or str(args.init)
+        model = ModelConfig(**(hf.read_config(args.init) if args.init
+                               else {**hf.PUBLISHED[args.published], "max_len": hf.PRETRAINED_MAX_LEN}))
+    p = memory_plan(model, args.dtype, cfg.batch_prompts, cfg.samples, cfg.minibatches, args.grad_checkpoint,
                     gpus, args.distributed)
     where = f"each of {gpus} processes ({args.distributed})" if args.distributed else "one RL process"
-    print(f"{args.size}: {p['parameters'] / 1e6:,.1f}M parameters; {where}, {args.dtype}, "
+    print(f"{name}: {p['parameters'] / 1e6:,.1f}M parameters; {where}, {args.dtype}, "
           f"{cfg.batch_prompts} prompts × {cfg.samples} samples, {cfg.minibatches} minibatches"
           f"{', gradient checkpointing' if args.grad_checkpoint else ''} (estimates, GiB)")
     for k in ("weights", "gradients", "adam", "reference", "activations", "total"):
@@ -277,6 +283,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--hf", type=Path, required=True, help="folder to write (config.json, model.safetensors, spiece.model)")
     pl = sub.add_parser("plan", parents=[common, rl_flags], help="memory needed to train a preset, and which GPUs fit")
     pl.add_argument("--gpus", type=int, default=8, help="processes of a --distributed plan (default 8)")
+    pl.add_argument("--published", choices=list(hf.PUBLISHED), help="plan for a published checkpoint, by name")
     return p
 
 

@@ -181,7 +181,7 @@ def setup(device="cpu", dtype="fp32", compile=False, grad_checkpoint=False, dist
 GPUS = {"RTX 4090 / L4 (24 GB)": 24, "A100 40GB": 40, "A100 / H100 80GB": 80, "H200 (141 GB)": 141}
 
 
-def memory_plan(size: str, dtype="bf16", batch_prompts=64, samples=4, minibatches=4, grad_checkpoint=False,
+def memory_plan(size, dtype="bf16", batch_prompts=64, samples=4, minibatches=4, grad_checkpoint=False,
                 gpus=1, distributed=None) -> dict:
     """Estimated GiB per process of RL training: fp32 master weights, gradients and Adam moments of
     policy and value head; the frozen reference in `dtype`; the activations of this process's part of
@@ -189,8 +189,9 @@ def memory_plan(size: str, dtype="bf16", batch_prompts=64, samples=4, minibatche
     split; FSDP also shards the Adam moments (weights and gradients are whole while a step runs: RL
     gathers the model as one group, see cagsr.train_rl). Per token and attention block we count
     34·D + 5·H·L bytes in mixed precision (Korthikanti et al. 2022; twice that in fp32), or one stored
-    D-vector with gradient checkpointing; the fp32 logits and their gradient add 8·V bytes per token."""
-    cfg = PRESETS[size]
+    D-vector with gradient checkpointing; the fp32 logits and their gradient add 8·V bytes per token.
+    `size`: a preset's name or a ModelConfig (e.g. a checkpoint's, hf.read_config)."""
+    cfg = PRESETS[size] if isinstance(size, str) else size
     with torch.device("meta"):
         params = Transformer(cfg).num_parameters()
     trained = params + cfg.d_model * cfg.d_model + 2 * cfg.d_model + 1  # policy + value head

@@ -35,6 +35,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "sweep.json"
+# the model the sweep ran: bump when model.py's architecture changes, so that the chapters say when the
+# spread they print is an older model's (sweep.json files without the key predate the T5 model)
+ARCHITECTURE = "t5"
 
 
 def scalars(namespace: dict) -> dict:
@@ -132,6 +135,10 @@ def table(columns: dict, digits=3) -> dict[str, list[float]]:
     """Print one row per seed of the last sweep, column name -> function(Seed) -> number, then each column's
     min and max; return the columns."""
     rows = seeds()
+    made_with = json.loads(RESULTS.read_text()).get("architecture", "pre-t5")
+    if made_with != ARCHITECTURE:
+        print(f"(five-seed sweep of the previous model ({made_with}), not of today's {ARCHITECTURE}: "
+              "rerun python tutorial/sweep.py)")
     cols = {name: [f(s) for s in rows] for name, f in columns.items()}
     width = max(10, *(len(n) + 2 for n in cols))
     print("seed" + "".join(f"{n:>{width}}" for n in cols))
@@ -200,7 +207,7 @@ def main(argv=None):
     threads = old.get("threads", {}) if isinstance(old.get("threads"), dict) else \
         {s: old["threads"] for s in old.get("seeds", {})}
     threads |= {str(s): args.threads for s in seeds}
-    RESULTS.write_text(json.dumps({"threads": threads, "seeds": old.get("seeds", {}) | results,
+    RESULTS.write_text(json.dumps({"architecture": ARCHITECTURE, "threads": threads, "seeds": old.get("seeds", {}) | results,
                                    "rl_runs": old.get("rl_runs", {}) | runs}, indent=1) + "\n")
     report(old.get("seeds", {}) | results)
 
