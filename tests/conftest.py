@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("CAGSR_TEST_SEED", "0"))
 
 
-def run_cli(*args, timeout=600):
+def run_cli(*args, timeout=1800):  # a guard against hangs; loaded 2-core machines are slow
     return subprocess.run([sys.executable, str(ROOT / "cagsr.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout)
 
