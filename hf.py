@@ -162,11 +162,12 @@ def read_checkpoint(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     config = fields(folder, conf, set(weights))
     ours = {}
     for name, tensor in weights.items():
+        if name in REDUNDANT:
+            continue
         mine = our_name(name)
-        if mine is None and name not in REDUNDANT:
+        if mine is None:
             raise CheckpointError(f"{folder}: weight {name!r} is not part of a T5 model")
-        if mine is not None:
-            ours[mine] = tensor.float()
+        ours[mine] = tensor.float()
     return config, ours
 
 
