@@ -73,7 +73,7 @@ def prepare(args) -> Path:
         tok = Tokenizer(hf.tokenizer_file(args.init))
         for s in splits.values():
             encode_prompts(tok, s, max_len)
-            encode_prompts(tok, [{**r, "prompt": r["response"]} for r in s if "response" in r], max_len)
+            encode_prompts(tok, [r for r in s if "response" in r], max_len, "response")
     run.mkdir(parents=True, exist_ok=True)
     record_init(run, args.init)
     if not path.exists():

@@ -47,13 +47,13 @@ SFT_PRESETS = {
 # ---- data → tensors -------------------------------------------------------------------------
 
 
-def encode_prompts(tok, records: list[dict], max_len: int) -> list[list[int]]:
-    """Prompt ids + EOS per record; a prompt longer than the model reads is an error naming the record."""
-    prompts = [tok.encode(r["prompt"]) for r in records]
-    for r, ids in zip(records, prompts):
+def encode_prompts(tok, records: list[dict], max_len: int, field="prompt") -> list[list[int]]:
+    """Ids + EOS of each record's `field`; one longer than the model takes is an error naming the record."""
+    out = [tok.encode(r[field]) for r in records]
+    for r, ids in zip(records, out):
         if len(ids) > max_len:
-            raise CLIError(f"{r['id']}: prompt has {len(ids)} tokens; the model reads at most {max_len}")
-    return prompts
+            raise CLIError(f"{r['id']}: {field} has {len(ids)} tokens; the model takes at most {max_len}")
+    return out
 
 
 def encode_pairs(tok, records: list[dict], max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -61,8 +61,7 @@ def encode_pairs(tok, records: list[dict], max_len: int) -> list[tuple[list[int]
     for r in records:
         if "response" not in r:
             raise CLIError(f"{r['id']}: no \"response\"; supervised fine-tuning needs one (rl --init runs need only prompts)")
-    responses = encode_prompts(tok, [{**r, "prompt": r["response"]} for r in records], max_len)
-    return list(zip(encode_prompts(tok, records, max_len), responses))
+    return list(zip(encode_prompts(tok, records, max_len), encode_prompts(tok, records, max_len, "response")))
 
 
 def pad(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
