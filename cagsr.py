@@ -35,6 +35,7 @@ from rl import RL_PRESETS, run_rl
 from rundir import CLIError, Metrics, atomic_write, export_hf, load_model, record_init
 from runtime import GPUS, memory_plan
 from sft import SFT_PRESETS, SFTConfig, encode_prompts, run_sft
+from diagnose import run_diagnostic
 from table1 import check_methods, run_table1
 
 # ---- settings: the configuration dataclasses, overridden by the flags that were given ------------
@@ -128,6 +129,17 @@ def table1(args):
     rcfg, rmcfg = reward_configs(args)
     run_table1(args.run, args.size, methods, args.seeds, ppo_config(args), rcfg, rmcfg, args.data, args.rt,
                args.seed, args.eval_prompts, args.report_only, args.force)
+
+
+def diagnose_cmd(args) -> dict:
+    """The reward diagnostic of diagnose.py on the SFT model (or --checkpoint), before any RL."""
+    if is_user_data(args.data):
+        raise CLIError("diagnose compares rewards with the synthetic data sets' oracle; run it without --data")
+    args.resume = True
+    sft(args)
+    (rcfg, rmcfg), cfg = reward_configs(args), ppo_config(args)
+    return run_diagnostic(args.run, args.checkpoint or args.run / "sft.pt", rcfg, rmcfg, args.data, args.rt,
+                          args.prompts, cfg.samples, cfg.temperature, not args.no_reward_models, args.seed)
 
 
 def eval_cmd(args) -> dict:
@@ -278,6 +290,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     t.add_argument("--eval-prompts", type=int, default=300, help="test prompts scored per data set (300, as §7.4)")
     t.add_argument("--report-only", action="store_true", help="only assemble the finished runs' scores")
+    g = sub.add_parser("diagnose", parents=[common, rl_flags],
+                       help="before RL: does each reward order sampled answers as the oracle and the judge do?")
+    g.add_argument("--checkpoint", type=Path, help="policy to sample from (default <run>/sft.pt)")
+    g.add_argument("--prompts", type=int, default=100, help="validation prompts per data set (default 100)")
+    g.add_argument("--no-reward-models", action="store_true", help="skip the learned reward models and the hybrid")
     x = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face T5 folder")
     x.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint, e.g. runs/tiny/cagsr/rl.pt")
     x.add_argument("--hf", type=Path, required=True, help="folder to write (config.json, model.safetensors, spiece.model)")
@@ -288,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "rl": rl, "eval": eval_cmd, "sample": sample_cmd,
-            "table1": table1, "export": export_cmd}
+            "table1": table1, "diagnose": diagnose_cmd, "export": export_cmd}
 
 
 def main(argv=None):

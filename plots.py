@@ -1,4 +1,5 @@
-"""The figures the stages draw: loss and RL curves, cross-attention heat maps, Table 1's bars.
+"""The figures the stages draw: loss and RL curves, cross-attention heat maps, Table 1's bars, the
+reward diagnostic.
 matplotlib is imported on the first plot, on its file-only backend (no display needed)."""
 from pathlib import Path
 
@@ -72,6 +73,28 @@ def plot_table1(results: dict, path: Path, order=None) -> None:
             ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
             ax.set_title(f"{dataset}: {metric}", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_diagnostic(results: dict, path: Path) -> None:
+    """Per data set: each reward's oracle agreement (0.5 = a coin) and its rank correlation with length."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.4 * len(results)), squeeze=False)
+    for row, (dataset, r) in zip(axes, results.items()):
+        names = [n for n, m in r.items() if isinstance(m, dict) and "oracle_agreement" in m]
+        for ax, key, title, ref, lim in ((row[0], "oracle_agreement", "agreement with the oracle", 0.5, (0, 1)),
+                                         (row[1], "length_rho", "rank correlation with length", 0.0, (-1, 1))):
+            ax.barh(range(len(names)), [r[n][key] for n in names],
+                    color=["tab:blue" if "cagsr" in n or n in ("coverage", "focus", "−repeat") else "tab:orange"
+                           for n in names])
+            ax.axvline(ref, color="black", lw=1, ls="--")
+            ax.set_xlim(*lim)
+            ax.set_yticks(range(len(names)), names, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{dataset}: {title}", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -222,3 +222,13 @@ class RelevanceJudge:
             head.weight.copy_(weight)
             head.bias.copy_(bias)
         return cls(head, SentenceEncoder(encoder_dir))
+
+
+def run_judge(run: Path, data: Path = DATA_DIR, seed: int = 0) -> RelevanceJudge:
+    """The relevance judge of a run directory (<run>/judge.pt), trained on first use."""
+    path = run / "judge.pt"
+    if path.exists():
+        return RelevanceJudge.load(path)
+    judge, accuracy = RelevanceJudge.train(path, data, seed=seed)
+    print(f"relevance judge: validation accuracy {accuracy:.2%} -> {path}")
+    return judge

@@ -3,10 +3,11 @@ from the decoder's cross-attention alone:
 
     R(x, y) = α·coverage(x, y) + β·focus(x, y) − γ·repeatPenalty(y)
 
-    1. RewardConfig      α, β, γ, the entropy floor, L', the n-gram order and the I_x selection: defined here once
-    2. I_x               important_token_mask (IDF and entities)
+    1. RewardConfig      α, β, γ, the entropy floor, L', the n-gram order, the I_x selection and the
+                         variants of §3.2 (IDF weights, temperature) and of length: defined here once
+    2. I_x               important_token_mask (IDF and entities), important_token_weights
     3. Ā                 aggregate_layers
-    4. the terms         coverage, attention_entropy, focus, repeat_penalty, cagsr_reward
+    4. the terms         coverage, attention_entropy, tempered, focus, repeat_penalty, cagsr_reward
     5. for the RL loop   AttentionReward (a rollout → R and its terms), reward_for (from a run directory)
 
 The learned reward models of the baselines (§7.3) are in baselines.py.
@@ -44,6 +45,10 @@ class RewardConfig:
     last_layers: int = 1  # L' of §3.2: decoder layers averaged into Ā
     ngram: int = 2  # n of the repetition penalty's n-grams
     top_k: int = 3  # I_x: words of highest IDF per prompt (entities come on top)
+    # the variants §3.2 proposes, and one for the length bias `python cagsr.py diagnose` measures (off = the paper)
+    idf_weighted: bool = False  # coverage weighs each I_x token by its word's IDF ("semantic importance")
+    attention_temperature: float = 1.0  # τ: focus reads the entropy of Ā^(1/τ), renormalised ("temperature scaling")
+    length_bonus: float = 0.0  # λ: R gains λ per response token, to offset a preference for short answers
 
 
 # ─── 2. I_x: the important prompt tokens ──────────────────────────────────────────────────────────
@@ -192,6 +197,20 @@ def important_token_mask(
     return mask.to(prompt_ids.device)
 
 
+def important_token_weights(
+    prompt_ids: torch.Tensor, idf: dict[str, float], pieces: list[str], **options
+) -> torch.Tensor:
+    """§3.2's "weighting tokens in I_x according to their semantic importance", with IDF as the importance:
+    float `[B, S]`, w_j = idf(word of j) on every piece of a chosen word (as important_token_mask, same
+    options; an unseen word gets the largest IDF), 0 elsewhere."""
+    weights = torch.zeros(prompt_ids.shape)  # [B, S]
+    unseen = max(idf.values(), default=0.0)
+    for b, words in enumerate(_important_words_per_prompt(prompt_ids, idf, pieces, **options)):
+        for text, positions in words:
+            weights[b, positions] = idf.get(_normalise(text), unseen)
+    return weights.to(prompt_ids.device)
+
+
 def important_words(
     prompt_ids: torch.Tensor, idf: dict[str, float], pieces: list[str], **options
 ) -> list[list[str]]:
@@ -261,17 +280,21 @@ def _mean_over_response(per_step: torch.Tensor, response_mask: torch.Tensor) -> 
 def coverage(attn: torch.Tensor, important: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """§3.2, coverage: coverage(x, y) = (1/(|y|·|I_x|)) Σ_{t=1}^{|y|} Σ_{j∈I_x} Ā_{t,j}.
 
-    Lies in [0, 1/|I_x|]; 0 for an empty response or an empty I_x.
+    `important` is I_x as a bool mask `[B, S]`, or token weights w ≥ 0 (important_token_weights):
+    then coverage = (1/(|y|·Σ_j w_j)) Σ_t Σ_j w_j Ā_{t,j}, which is the paper's for w = 1[j ∈ I_x].
+    Lies in [0, 1/|I_x|] for a mask; 0 for an empty response or an empty I_x.
     """
     _check_attention(attn, response_mask)
-    if important.dtype != torch.bool or important.shape != (attn.shape[0], attn.shape[2]):
+    if not (important.dtype == torch.bool or important.is_floating_point()) or \
+            important.shape != (attn.shape[0], attn.shape[2]):
         raise ValueError(
-            f"important must be bool [B,S] = {(attn.shape[0], attn.shape[2])}, "
+            f"important must be bool (or float weights) [B,S] = {(attn.shape[0], attn.shape[2])}, "
             f"got {important.dtype} {tuple(important.shape)}"
         )
-    on_important = (attn * important.unsqueeze(1)).sum(dim=-1)  # [B, T]: Σ_{j∈I_x} Ā_{t,j}
-    n_important = important.sum(dim=-1).clamp(min=1)  # [B]: |I_x|
-    return _mean_over_response(on_important, response_mask) / n_important  # [B]
+    on_important = (attn * important.unsqueeze(1)).sum(dim=-1)  # [B, T]: Σ_j w_j Ā_{t,j}
+    total = important.sum(dim=-1)  # [B]: |I_x|, or Σ_j w_j
+    total = torch.where(total > 0, total, 1)
+    return _mean_over_response(on_important, response_mask) / total  # [B]
 
 
 def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
@@ -283,15 +306,27 @@ def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
     return -(attn * attn.clamp(min=tiny).log()).sum(dim=-1)  # [B, T]
 
 
-def focus(attn: torch.Tensor, response_mask: torch.Tensor, entropy_floor: float = RewardConfig.entropy_floor
-          ) -> torch.Tensor:
+def tempered(attn: torch.Tensor, temperature: float) -> torch.Tensor:
+    """§3.2's "temperature scaling" of the attention: Ā^τ_{t,j} = Ā_{t,j}^(1/τ) / Σ_k Ā_{t,k}^(1/τ).
+
+    τ > 1 flattens each row, τ < 1 sharpens it, τ = 1 leaves it; zero weights stay exactly 0.
+    """
+    powered = attn.pow(1.0 / temperature)
+    return powered / powered.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(attn.dtype).tiny)
+
+
+def focus(attn: torch.Tensor, response_mask: torch.Tensor, entropy_floor: float = RewardConfig.entropy_floor,
+          temperature: float = RewardConfig.attention_temperature) -> torch.Tensor:
     """§3.2, focus, with the §6 entropy floor h: focus(x, y) = −(1/|y|) Σ_t max(entropy(A_t), h).
 
     With h = 0 this is the paper's focus exactly, in [−log(#real prompt tokens), 0]. A floor
     h > 0 is §6's "lower bound on entropy": attention sharper than h earns nothing more, so
-    spiky attention cannot be used to hack the reward; focus ≤ −h.
+    spiky attention cannot be used to hack the reward; focus ≤ −h. A temperature τ ≠ 1 reads the
+    entropy of `tempered(Ā, τ)` instead.
     """
     _check_attention(attn, response_mask)
+    if temperature != 1.0:
+        attn = tempered(attn, temperature)
     entropy = attention_entropy(attn).clamp(min=entropy_floor)  # [B, T]; floor 0 also absorbs −1e-7 rounding
     return -_mean_over_response(entropy, response_mask)  # [B]
 
@@ -343,19 +378,25 @@ def cagsr_reward(
     gamma: float = RewardConfig.gamma,
     entropy_floor: float = RewardConfig.entropy_floor,
     n: int = RewardConfig.ngram,
+    temperature: float = RewardConfig.attention_temperature,
+    length_bonus: float = RewardConfig.length_bonus,
 ) -> RewardBreakdown:
-    """§3.2, R: R(x, y) = α·coverage(x, y) + β·focus(x, y) − γ·repeatPenalty(y).
+    """§3.2, R: R(x, y) = α·coverage(x, y) + β·focus(x, y) − γ·repeatPenalty(y) (+ λ·|y| with a length bonus λ).
 
-    The defaults are RewardConfig's, the paper's α = 1.0, β = 0.5, γ = 1.0 (§5, grid search); attn is Ā `[B, T, S]`.
+    The defaults are RewardConfig's, the paper's α = 1.0, β = 0.5, γ = 1.0 (§5, grid search) and no length
+    bonus; attn is Ā `[B, T, S]`; `important` a mask or weights (see coverage).
     """
     if response_ids.shape != response_mask.shape:
         raise ValueError(
             f"response_ids {tuple(response_ids.shape)} and response_mask {tuple(response_mask.shape)} differ"
         )
     cov = coverage(attn, important, response_mask)  # [B]
-    foc = focus(attn, response_mask, entropy_floor)  # [B]
+    foc = focus(attn, response_mask, entropy_floor, temperature)  # [B]
     rep = repeat_penalty(response_ids, response_mask, n).to(attn.dtype)  # [B]
-    return RewardBreakdown(alpha * cov + beta * foc - gamma * rep, cov, foc, rep)
+    total = alpha * cov + beta * foc - gamma * rep
+    if length_bonus:
+        total = total + length_bonus * response_mask.sum(dim=-1).to(total.dtype)
+    return RewardBreakdown(total, cov, foc, rep)
 
 
 def worked_example() -> dict[str, torch.Tensor]:
@@ -384,14 +425,15 @@ class AttentionReward:
 
     def __init__(self, idf: dict[str, float], pieces: list[str], special_ids=SPECIAL_IDS, cfg=RewardConfig()):
         self.idf, self.pieces, self.special_ids, self.top_k = idf, pieces, tuple(special_ids), cfg.top_k
+        self.importance = important_token_weights if cfg.idf_weighted else important_token_mask
         self.weights = {"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "entropy_floor": cfg.entropy_floor,
-                        "n": cfg.ngram}
+                        "n": cfg.ngram, "temperature": cfg.attention_temperature, "length_bonus": cfg.length_bonus}
 
     def __call__(self, rollout, src: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """rollout: tokens/mask [B·N,T], cross_attn [B·N,T,S]; src [B,S] -> R [B·N] and its terms."""
         n = rollout.tokens.shape[0] // src.shape[0]
-        important = important_token_mask(src.cpu(), self.idf, self.pieces, special_ids=self.special_ids,
-                                         top_k=self.top_k, pad_id=self.special_ids[0])
+        important = self.importance(src.cpu(), self.idf, self.pieces, special_ids=self.special_ids,
+                                    top_k=self.top_k, pad_id=self.special_ids[0])
         important = important.to(src.device).repeat_interleave(n, dim=0)  # [B·N,S]
         r = cagsr_reward(rollout.cross_attn, important, rollout.tokens, rollout.mask, **self.weights)
         entropy = attention_entropy(rollout.cross_attn)  # [B·N,T]

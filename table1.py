@@ -16,7 +16,7 @@ from data import DATASETS, load_split
 from data.tokenizer import tokenizer_for
 from plots import plot_table1
 from ppo import PPOConfig
-from relevance import RelevanceJudge
+from relevance import run_judge
 from reward import RewardConfig, reward_for
 from rl import run_rl
 from rundir import CLIError, atomic_write, load_model
@@ -84,16 +84,6 @@ def table1_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def relevance_judge(run: Path, data: Path, seed=0) -> RelevanceJudge:
-    """The §7.4 relevance judge of the run directory, trained on first use."""
-    path = run / "judge.pt"
-    if path.exists():
-        return RelevanceJudge.load(path)
-    judge, accuracy = RelevanceJudge.train(path, data, seed=seed)
-    print(f"relevance judge: validation accuracy {accuracy:.2%} -> {path}")
-    return judge
-
-
 def score_method(run: Path, size: str, method: str, seed: int, judge, cfg: PPOConfig, rcfg: RewardConfig,
                  rmcfg: RewardModelConfig, data: Path, rt, eval_prompts=300, force=False):
     """Train (unless no-rl) and score one method and seed on the first `eval_prompts` test prompts of
@@ -135,7 +125,7 @@ def run_table1(run: Path, size: str, methods: list[str], seeds: int, cfg: PPOCon
     t0, out = time.time(), run / "table1"
     check_methods(methods)
     if not report_only:
-        judge = relevance_judge(run, data, judge_seed)
+        judge = run_judge(run, data, judge_seed)
         for seed in range(seeds):
             for method in methods:
                 score_method(run, size, method, seed, judge, cfg, rcfg, rmcfg, data, rt, eval_prompts, force)

@@ -13,11 +13,14 @@ from reward import (
     coverage,
     fit_idf,
     focus,
+    attention_entropy,
     important_token_mask,
+    important_token_weights,
     important_words,
     load_idf,
     repeat_penalty,
     save_idf,
+    tempered,
     worked_example,
 )
 
@@ -429,3 +432,51 @@ def test_important_tokens_of_real_prompts_with_the_real_tokenizer(tmp_path):
     assert 1 <= len(words[1]) <= 6  # an instruction: its top-3 IDF words, plus any names
     mask = important_token_mask(ids, idf, tok.pieces)
     assert not mask[ids == tok.pad_id].any()
+
+
+# ------------------------------------------------------------------------------------------
+# The variants of §3.2 (IDF-weighted I_x, temperature) and the length bonus: off = the paper, bit for bit
+# ------------------------------------------------------------------------------------------
+
+
+@FEW
+@given(batches(), st.floats(0.1, 10.0))
+def test_weights_of_one_on_I_x_are_the_mask_and_a_common_scale_cancels(b, scale):
+    batch, _ = b
+    plain = coverage(batch["attn"], batch["important"], batch["response_mask"])
+    weights = batch["important"].to(torch.float64)
+    assert torch.equal(coverage(batch["attn"], weights, batch["response_mask"]), plain)  # the paper's, exactly
+    torch.testing.assert_close(coverage(batch["attn"], scale * weights, batch["response_mask"]), plain,
+                               atol=1e-12, rtol=1e-12)
+
+
+def test_idf_weights_are_each_chosen_words_idf_on_its_pieces():
+    prompt = torch.tensor([[1] + ids("▁What", "▁is", "▁the", "▁capital", "▁of", "▁Zor", "vania", "?") + [2, 0, 0]])
+    idf = fit_idf(TRAIN)
+    weights = important_token_weights(prompt, idf, PIECES)[0].tolist()  # default top_k = 3, as the mask
+    # "capital" and "of" are in 2 of 4 training prompts; "Zorvania" is unseen: the largest IDF, log(5/2)
+    expected = [0, 0, 0, 0, math.log(5 / 3), math.log(5 / 3), math.log(5 / 2), math.log(5 / 2), 0, 0, 0, 0]
+    assert weights == pytest.approx(expected, abs=1e-6)
+    assert [w > 0 for w in weights] == important_token_mask(prompt, idf, PIECES)[0].tolist()
+
+
+@FEW
+@given(batches(), st.floats(0.2, 5.0))
+def test_tempered_rows_are_distributions_and_a_higher_temperature_is_flatter(b, tau):
+    batch, prompt_mask = b
+    attn, real = batch["attn"], batch["response_mask"]
+    warm, cold = tempered(attn[real], tau * 1.5), tempered(attn[real], tau)
+    torch.testing.assert_close(warm.sum(-1), torch.ones(len(warm), dtype=warm.dtype), atol=1e-9, rtol=0)
+    assert (warm[attn[real] == 0] == 0).all()
+    assert (attention_entropy(warm) >= attention_entropy(cold) - 1e-9).all()
+    assert torch.equal(tempered(attn[real], 1.0), attn[real] / attn[real].sum(-1, keepdim=True))
+
+
+@FEW
+@given(batches(), st.floats(-0.1, 0.1))
+def test_the_length_bonus_adds_lambda_per_response_token_and_nothing_else(b, lam):
+    batch, _ = b
+    base, bonus = terms(batch), terms(batch, length_bonus=lam)
+    torch.testing.assert_close(bonus.total - base.total, lam * batch["response_mask"].sum(-1).to(torch.float64),
+                               atol=1e-12, rtol=0)
+    assert torch.equal(bonus.focus, base.focus) and torch.equal(bonus.coverage, base.coverage)

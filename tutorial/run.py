@@ -4,6 +4,7 @@ printed into the ```output block under it, so the numbers in a chapter always co
     python tutorial/run.py            # every chapter, in order; regenerates tutorial/figures/*.png
     python tutorial/run.py 03 05      # chapters whose file name starts with 03 or 05
     python tutorial/run.py --check    # execute only, leave the Markdown as it is
+    python tutorial/run.py 09 --reuse # over the runs a previous run left in runs/tutorial/ (see `reusing`)
 
 A chapter shows the project's code under an equation with `from tutorial.run import show` and
 `show(function)`: the source is read when the chapter runs, so what it shows is the code that runs.
@@ -31,6 +32,18 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # a ```python block, optionally followed by the ```output block a previous run wrote under it
 BLOCK = re.compile(r"```python\n(?P<code>.*?)```\n(?:\n```output\n.*?```\n)?", re.S)
+
+
+# a chapter's "start from a clean slate" line (see `reusing`)
+DELETES = re.compile(r"^(\s*).*(shutil\.rmtree|\.unlink\().*$", re.M)
+
+
+def reusing(code: str) -> str:
+    """A block with its deleting lines turned into `pass`: every stage it runs then finds its finished
+    run (the commands reuse finished stages) and only what is computed from the runs is recomputed.
+    The outputs are those of a fresh run as long as the training code is unchanged and the runs were
+    made on this machine with the same thread count."""
+    return DELETES.sub(r"\1pass", code)
 
 
 def show(*objs):
@@ -73,11 +86,11 @@ def execute(path: Path, threads: int = THREADS, keep_going=False, rewrite=None):
     return outputs, failures, namespace
 
 
-def run_chapter(path: Path, write=True) -> list[str]:
-    """Execute the chapter; return what each block printed (and, if `write`, put that into the
-    Markdown as the block's output)."""
+def run_chapter(path: Path, write=True, reuse=False) -> list[str]:
+    """Execute the chapter (with `reuse`, each block through `reusing`); return what each block printed
+    (and, if `write`, put that into the Markdown as the block's output)."""
     text = path.read_text()
-    outputs = execute(path)[0]
+    outputs = execute(path, rewrite=reusing if reuse else None)[0]
     if write:
         it = iter(outputs)
 
@@ -93,6 +106,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("chapters", nargs="*", help="file-name prefixes, e.g. 03 (default: all)")
     p.add_argument("--check", action="store_true", help="execute without rewriting the chapters")
+    p.add_argument("--reuse", action="store_true", help="keep the runs a previous run left (see `reusing`)")
     args = p.parse_args(argv)
     paths = chapters(args.chapters)
     if not paths:
@@ -102,7 +116,7 @@ def main(argv=None):
         (HERE / "figures").mkdir(exist_ok=True)
         for path in paths:
             t0 = time.time()
-            run_chapter(path, write=not args.check)
+            run_chapter(path, write=not args.check, reuse=args.reuse)
             print(f"{path.name}: {time.time() - t0:.0f} s", file=sys.stderr)
 
 

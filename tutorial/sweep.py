@@ -26,7 +26,6 @@ the spread over seeds next to seed 0's story.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -62,9 +61,6 @@ def scalars(namespace: dict) -> dict:
     return out
 
 
-DELETES = re.compile(r"^(\s*).*(shutil\.rmtree|\.unlink\().*$", re.M)  # a chapter's "start from a clean slate"
-
-
 def run_seed(seed: int, threads: int, reuse=False) -> dict:
     """Every chapter for one seed, in the current directory; failures are recorded, not raised."""
     import importlib.util
@@ -77,7 +73,7 @@ def run_seed(seed: int, threads: int, reuse=False) -> dict:
     for path in run.chapters():
         t0 = time.time()
         outputs, failures, namespace = run.execute(path, threads, keep_going=True,
-                                                   rewrite=(lambda code: DELETES.sub(r"\1pass", code)) if reuse else None)
+                                                   rewrite=run.reusing if reuse else None)
         printed.update({f"{path.name}, block {i + 1}": out for i, out in enumerate(outputs)})
         report[path.name] = {"seconds": round(time.time() - t0, 1), "failures": failures, "values": scalars(namespace)}
         print(f"seed {seed}: {path.name} {time.time() - t0:.0f} s, {len(failures)} failure(s)", file=sys.stderr)
