@@ -39,7 +39,12 @@ HYBRID_WEIGHT = 1.0  # R = R_CAGSR + 1.0 · R_human-pref (the learned reward is 
 
 @dataclass(frozen=True)
 class RewardModelConfig:
-    rm_steps: int = 150  # training steps of a learned reward model
+    rm_steps: int = 150  # most training steps of a learned reward model (it stops when held-out accuracy stalls)
+    rm_eval_every: int = 25  # steps between two measurements of the held-out accuracy
+    rm_patience: int = 2  # measurements without a gain before training stops; the best measured weights are kept
+    human_prompts: int = 1000  # training prompts of the human-preference model (§7.3's 1,000), 2 samples each
+    synthetic_prompts: int = 300  # training prompts per data set of the synthetic-preference model
+    held_out_prompts: int = 250  # validation prompts per data set whose labels both models never train on
 
 
 def reward_for_method(method: str, run: Path, rcfg: RewardConfig, rmcfg: RewardModelConfig, data: Path, rt,
@@ -72,33 +77,47 @@ def learned_reward(kind: str, run: Path, rmcfg: RewardModelConfig, data: Path, r
 def train_reward_model(kind: str, run: Path, rmcfg: RewardModelConfig, data: Path, device="cpu", seed=0) -> Path:
     """§7.3 baselines' reward models from SFT samples, once per run directory.
     synthetic: good = references and SFT samples that pass automatic checks, bad = corruptions;
-    human: 1,000 training prompts × 2 SFT samples (temperature 1.5), preferred by the simulated oracle,
-    15 % flipped (§2.2), ties dropped."""
+    human: rmcfg.human_prompts training prompts × 2 SFT samples (temperature 1.5), preferred by the
+    simulated oracle, 15 % flipped (§2.2), ties dropped.
+    Both are measured on labels made the same way from validation prompts (the human pairs unflipped:
+    agreement with the oracle), which also choose when training stops (`fit`); the file keeps the result."""
     path = run / f"rm-{kind}.pt"
     if path.exists():
         return path
     tok = tokenizer_for(run)
     sft_model, rng = load_model(run / "sft.pt", device), random.Random(seed)
-    rm, steps = PreferenceRewardModel(sft_model), rmcfg.rm_steps
+    rm = PreferenceRewardModel(sft_model)
+
+    def sample(records, temperature=1.0):
+        return evaluate.answers(sft_model, tok, [r["prompt"] for r in records], False, temperature, device=device)
+
+    held_out = [r for d in DATASETS for r in load_split(d, "validation", data)[: rmcfg.held_out_prompts]]
     if kind == "synthetic":
         examples = []
         for d in DATASETS:
-            records = rng.sample(load_split(d, "train", data), 300)
-            samples = evaluate.answers(sft_model, tok, [r["prompt"] for r in records], greedy=False, device=device)
-            examples += synthetic_labels(records, samples, rng)
-        losses = train_classifier_rm(rm, tok, examples, steps=steps, lr=3e-4, seed=seed)
+            records = rng.sample(load_split(d, "train", data), rmcfg.synthetic_prompts)
+            examples += synthetic_labels(records, sample(records), rng)
+        test = synthetic_labels(held_out, sample(held_out), rng)
+        fit = train_classifier_rm(rm, tok, examples, rmcfg, lr=3e-4, seed=seed, held_out=test)
         size = f"{len(examples)} labelled responses"
     else:
-        records = rng.sample([r for d in DATASETS for r in load_split(d, "train", data)], 1000)
+        records = rng.sample([r for d in DATASETS for r in load_split(d, "train", data)], rmcfg.human_prompts)
         # at temperature 1 our near-deterministic SFT policy gives two equally good answers to 9 prompts
         # in 10 and the oracle has nothing to prefer; at 1.5 about 4 pairs in 10 differ
-        a, b = (evaluate.answers(sft_model, tok, [r["prompt"] for r in records], False, 1.5, device=device)
-                for _ in range(2))
-        pairs = human_preference_pairs(records, a, b, flip=0.15, rng=rng)
-        losses = train_bradley_terry_rm(rm, tok, pairs, steps=steps, lr=3e-4, seed=seed)
+        pairs = human_preference_pairs(records, sample(records, 1.5), sample(records, 1.5), flip=0.15, rng=rng)
+        test = human_preference_pairs(held_out, sample(held_out, 1.5), sample(held_out, 1.5), flip=0.0, rng=rng)
+        if not pairs:
+            raise CLIError(f"the SFT model's samples of {len(records)} prompts gave no preference pair (the oracle "
+                           "ties them all): use more --human-prompts")
+        fit = train_bradley_terry_rm(rm, tok, pairs, rmcfg, lr=3e-4, seed=seed, held_out=test)
         size = f"{len(pairs)} preference pairs (ties dropped)"
-    save_reward_model(rm, path)
-    print(f"reward model {kind}: {size}, loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}; {path}")
+    save_reward_model(rm, path, {"accuracy": fit.accuracy, "items": len(test), "step": fit.step})
+    what = "pairs" if kind == "human" else "labels"
+    held = (f"held-out accuracy {fit.accuracy:.1%} on {len(test)} validation {what} (measured "
+            f"{', '.join(f'{a:.1%} at step {s}' for s, a in fit.history)}; kept step {fit.step})") if test else \
+        f"no held-out {what} (the oracle ties every validation pair): trained {len(fit.losses)} steps"
+    print(f"reward model {kind}: {size}, loss {fit.losses[0]:.3f} -> "
+          f"{sum(fit.losses[-10:]) / len(fit.losses[-10:]):.3f}; {held} -> {path}")
     return path
 
 
@@ -237,23 +256,63 @@ def human_preference_pairs(records: list[dict], samples_a: list[str], samples_b:
     return pairs
 
 
-def _fit(rm: PreferenceRewardModel, n: int, batch_loss, steps: int, batch_size: int, lr: float, seed: int):
-    """§7.3 reward-model training loop: AdamW on batch_loss(indices) over random batches of n items."""
+@dataclass
+class Fit:
+    """What reward-model training did: every step's loss and, with held-out data, the measured accuracies
+    [(step, accuracy)], the best of them and the step whose weights were kept."""
+    losses: list[float]
+    history: list[tuple[int, float]]
+    accuracy: float = float("nan")
+    step: int = 0
+
+
+def fit(rm: PreferenceRewardModel, n: int, batch_loss, accuracy, cfg: RewardModelConfig, batch_size: int, lr: float,
+        seed: int) -> Fit:
+    """§7.3 reward-model training loop: AdamW on batch_loss(indices) over random batches of n items, at most
+    cfg.rm_steps steps. With `accuracy` (rm -> accuracy on data it never trains on), measured every
+    cfg.rm_eval_every steps: training stops after cfg.rm_patience measurements without a gain, and the
+    weights of the best measurement are kept — validation decides when to stop, not a loss that keeps falling."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(rm.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
+    out, best, stalled = Fit([], []), None, 0
+    for step in range(1, cfg.rm_steps + 1):
         loss = batch_loss(torch.randint(n, (min(batch_size, n),), generator=gen).tolist())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    return losses
+        out.losses.append(loss.item())
+        if accuracy and (step % cfg.rm_eval_every == 0 or step == cfg.rm_steps):
+            out.history.append((step, accuracy(rm)))
+            if best is None or out.history[-1][1] > out.accuracy:
+                out.accuracy, out.step, stalled = out.history[-1][1], step, 0
+                best = copy.deepcopy(rm.state_dict())
+            else:
+                stalled += 1
+                if stalled >= cfg.rm_patience:
+                    break
+    if best is not None:
+        rm.load_state_dict(best)
+    return out
 
 
-def train_classifier_rm(rm: PreferenceRewardModel, tok, examples: list[tuple[str, str, int]], steps=60,
-                        batch_size=32, lr=3e-4, seed=0) -> list[float]:
-    """§7.3 Synthetic Preference RM: binary cross-entropy with r(x, y) as the logit of "good"."""
+def label_accuracy(rm: PreferenceRewardModel, tok, examples: list[tuple[str, str, int]]) -> float:
+    """Share of (prompt, response, label) whose r(x, y) > 0 exactly when the label is 1 (good)."""
+    r = score_texts(rm, tok, [p for p, _, _ in examples], [y for _, y, _ in examples])
+    return sum((s > 0) == (label == 1) for s, (_, _, label) in zip(r.tolist(), examples)) / len(examples)
+
+
+def pair_accuracy(rm: PreferenceRewardModel, tok, pairs: list[tuple[str, str, str]]) -> float:
+    """Share of (prompt, chosen, rejected) with r(x, chosen) > r(x, rejected)."""
+    prompts = [p for p, _, _ in pairs]
+    chosen, rejected = (score_texts(rm, tok, prompts, [pair[i] for pair in pairs]) for i in (1, 2))
+    return (chosen > rejected).float().mean().item()
+
+
+def train_classifier_rm(rm: PreferenceRewardModel, tok, examples: list[tuple[str, str, int]],
+                        cfg: RewardModelConfig = RewardModelConfig(), batch_size=32, lr=3e-4, seed=0,
+                        held_out: list[tuple[str, str, int]] | None = None) -> Fit:
+    """§7.3 Synthetic Preference RM: binary cross-entropy with r(x, y) as the logit of "good"; stopped on
+    the label accuracy of `held_out` when given."""
     device = next(rm.parameters()).device
 
     def batch_loss(idx):
@@ -262,12 +321,15 @@ def train_classifier_rm(rm: PreferenceRewardModel, tok, examples: list[tuple[str
         r = rm(*(t.to(device) for t in batch))  # [b]
         return F.binary_cross_entropy_with_logits(r, torch.tensor(labels, dtype=r.dtype, device=device))
 
-    return _fit(rm, len(examples), batch_loss, steps, batch_size, lr, seed)
+    accuracy = (lambda m: label_accuracy(m, tok, held_out)) if held_out else None
+    return fit(rm, len(examples), batch_loss, accuracy, cfg, batch_size, lr, seed)
 
 
-def train_bradley_terry_rm(rm: PreferenceRewardModel, tok, pairs: list[tuple[str, str, str]], steps=60,
-                           batch_size=32, lr=3e-4, seed=0) -> list[float]:
-    """§7.3 Human Preference RM (Bradley–Terry): loss = −log σ(r(x, y_chosen) − r(x, y_rejected))."""
+def train_bradley_terry_rm(rm: PreferenceRewardModel, tok, pairs: list[tuple[str, str, str]],
+                           cfg: RewardModelConfig = RewardModelConfig(), batch_size=32, lr=3e-4, seed=0,
+                           held_out: list[tuple[str, str, str]] | None = None) -> Fit:
+    """§7.3 Human Preference RM (Bradley–Terry): loss = −log σ(r(x, y_chosen) − r(x, y_rejected)); stopped
+    on the pair accuracy of `held_out` when given."""
     device = next(rm.parameters()).device
 
     def batch_loss(idx):
@@ -276,7 +338,8 @@ def train_bradley_terry_rm(rm: PreferenceRewardModel, tok, pairs: list[tuple[str
         r = rm(*(t.to(device) for t in batch))  # [2b]: chosen rows, then rejected rows
         return -F.logsigmoid(r[: len(idx)] - r[len(idx) :]).mean()
 
-    return _fit(rm, len(pairs), batch_loss, steps, batch_size, lr, seed)
+    accuracy = (lambda m: pair_accuracy(m, tok, held_out)) if held_out else None
+    return fit(rm, len(pairs), batch_loss, accuracy, cfg, batch_size, lr, seed)
 
 
 class LearnedReward:
@@ -312,9 +375,9 @@ class SumReward:
         return r_att + self.weight * r_rm, {**terms_att, **terms_rm}
 
 
-def save_reward_model(rm: PreferenceRewardModel, path) -> None:
-    """§7.3 reward model to disk atomically (rundir.atomic_save)."""
-    atomic_save({"state": rm.state_dict()}, Path(path))
+def save_reward_model(rm: PreferenceRewardModel, path, held_out: dict | None = None) -> None:
+    """§7.3 reward model to disk atomically (rundir.atomic_save), with its held-out accuracy if measured."""
+    atomic_save({"state": rm.state_dict(), **({"held_out": held_out} if held_out else {})}, Path(path))
 
 
 def load_reward_model(path, base_model_factory) -> PreferenceRewardModel:

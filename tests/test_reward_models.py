@@ -13,6 +13,10 @@ from data.tokenizer import train_tokenizer, training_texts
 from evaluate import degenerate, oracle_score, states_fact
 from model import PRESETS, Rollout, Transformer
 from baselines import (
+    RewardModelConfig,
+    fit,
+    label_accuracy,
+    pair_accuracy,
     CORRUPTIONS,
     LearnedReward,
     PreferenceRewardModel,
@@ -129,11 +133,9 @@ def test_classifier_rm_separates_good_from_bad(tok, records, seed, record_proper
     train, held_out = records["qa"][:100], load_split("qa", "validation")[:100]
     rm = fresh_rm(seed)
     losses = train_classifier_rm(rm, tok, synthetic_labels(train, None, random.Random(seed), kinds=STRUCTURAL),
-                                 steps=60, batch_size=32, lr=3e-3, seed=seed)
+                                 RewardModelConfig(rm_steps=60), batch_size=32, lr=3e-3, seed=seed).losses
     assert len(losses) == 60 and sum(losses[-10:]) < sum(losses[:10])
-    test = synthetic_labels(held_out, None, random.Random(1), kinds=STRUCTURAL)
-    scores = score_texts(rm, tok, [p for p, _, _ in test], [y for _, y, _ in test])
-    accuracy = sum((s > 0) == (label == 1) for s, (_, _, label) in zip(scores.tolist(), test)) / len(test)
+    accuracy = label_accuracy(rm, tok, synthetic_labels(held_out, None, random.Random(1), kinds=STRUCTURAL))
     record_property("held_out_accuracy", accuracy)
     assert accuracy >= 0.75
 
@@ -143,14 +145,28 @@ def test_bradley_terry_rm_ranks_chosen_above_rejected(tok, records, seed, record
     train, held_out = records["instruct"][:200], load_split("instruct", "validation")[:100]
     rm = fresh_rm(seed)
     pairs = human_preference_pairs(train, *degraded_pairs(train, seed), flip=0.0, rng=random.Random(seed))
-    losses = train_bradley_terry_rm(rm, tok, pairs, steps=60, batch_size=32, lr=3e-3, seed=seed)
+    losses = train_bradley_terry_rm(rm, tok, pairs, RewardModelConfig(rm_steps=60), batch_size=32, lr=3e-3,
+                                    seed=seed).losses
     assert losses[0] == pytest.approx(0.6931, abs=1e-4)  # zero head: r ≡ 0, −log σ(0) = log 2
-    test = human_preference_pairs(held_out, *degraded_pairs(held_out, 1), flip=0.0, rng=random.Random(1))
-    prompts = [p for p, _, _ in test]
-    chosen = score_texts(rm, tok, prompts, [c for _, c, _ in test])
-    rejected = score_texts(rm, tok, prompts, [x for _, _, x in test])
-    record_property("held_out_pair_accuracy", (chosen > rejected).float().mean().item())
-    assert (chosen > rejected).float().mean() >= 0.75
+    accuracy = pair_accuracy(rm, tok, human_preference_pairs(held_out, *degraded_pairs(held_out, 1), flip=0.0,
+                                                             rng=random.Random(1)))
+    record_property("held_out_pair_accuracy", accuracy)
+    assert accuracy >= 0.75
+
+
+def test_training_stops_when_held_out_accuracy_stalls_and_keeps_the_best_weights():
+    rm = fresh_rm()
+    measured, kept = iter([0.5, 0.7, 0.6, 0.65, 0.9]), {}
+
+    def accuracy(m):  # measured at steps 2, 4, 6, 8, …: the best is step 4's, then two without a gain
+        kept[2 * (len(kept) + 1)] = m.head.weight.detach().clone()
+        return next(measured)
+
+    cfg = RewardModelConfig(rm_steps=20, rm_eval_every=2, rm_patience=2)
+    out = fit(rm, 4, lambda idx: ((rm.head.weight - 1) ** 2).sum(), accuracy, cfg, batch_size=2, lr=0.1, seed=0)
+    assert out.history == [(2, 0.5), (4, 0.7), (6, 0.6), (8, 0.65)] and len(out.losses) == 8
+    assert (out.accuracy, out.step) == (0.7, 4) and torch.equal(rm.head.weight, kept[4])
+    assert not torch.equal(kept[4], kept[8])
 
 
 # ---- the reward the RL loop calls ----------------------------------------------------------------

@@ -8,7 +8,7 @@ from conftest import assert_one_line_error, run_cli
 from relevance import RelevanceJudge
 
 MINI = ["--iterations", "1", "--batch-prompts", "4", "--samples", "2", "--eval-prompts", "4", "--rm-steps", "2",
-        "--seeds", "2"]
+        "--synthetic-prompts", "20", "--held-out-prompts", "50", "--seeds", "2"]
 METHODS = "no-rl,cagsr,cagsr-no-focus,human-pref,hybrid"
 
 
