@@ -185,10 +185,10 @@ def diagnostic_markdown(results: dict) -> str:
 def run_diagnostic(run: Path, checkpoint: Path, rcfg: RewardConfig, rmcfg, data: Path, rt, prompts=100, samples=8,
                    temperature=1.0, learned=True, seed=0) -> dict:
     """The diagnostic of `checkpoint` on the first `prompts` validation prompts of each data set."""
-    torch.manual_seed(seed)
     tok, model = tokenizer_for(run), load_model(checkpoint, rt.device)
     rewards = rewards_to_diagnose(run, rcfg, rmcfg, data, rt, learned)
     judge = run_judge(run, data)
+    torch.manual_seed(seed)  # here: the samples do not depend on whether the reward models were trained just now
     results = {d: diagnose_dataset(model, tok, load(d, "validation", data)[:prompts], rewards, judge, samples,
                                    temperature, rcfg.last_layers, data, device=rt.device)
                for d in data_sets(data)}
