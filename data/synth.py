@@ -211,13 +211,16 @@ def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
+def topics() -> list[tuple[str, list[str]]]:
+    """TOPICS as (topic, its five tips); a tip's first word is its item."""
+    return [(t, [tip.strip() for tip in tips.split(";")]) for t, tips in (line.split(": ") for line in TOPICS.splitlines())]
+
+
 def _instruct(rng: random.Random) -> list[list[dict]]:
     """Instruction records grouped by topic x task: 144 groups of 34 or 35 distinct pairs."""
-    topics = [(t, [tip.strip() for tip in tips.split(";")])
-              for t, tips in (line.split(": ") for line in TOPICS.splitlines())]
-    per_group, extra = divmod(SIZES["instruct"], len(topics) * len(INSTRUCT))
+    per_group, extra = divmod(SIZES["instruct"], len(topics()) * len(INSTRUCT))
     groups = []
-    for topic, tips in topics:
+    for topic, tips in topics():
         items = [tip.split()[0] for tip in tips]
         for task, (prompts, responses) in INSTRUCT.items():
             # every distinct (template, items) choice; brainstorm and compose take ordered pairs
@@ -247,9 +250,12 @@ def generate(dataset: str, seed: int = 0) -> list[dict]:
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     rng = random.Random(f"{dataset}-{seed}")
-    groups = _qa(rng) if dataset == "qa" else _instruct(rng)
-    # Stratified split: shuffle within each group, then deal 8/1/1 out of every 10 in a running count,
-    # so totals are exact and each group of >= 10 items keeps >= 8 in train.
+    return assign_splits(_qa(rng) if dataset == "qa" else _instruct(rng), rng, dataset)
+
+
+def assign_splits(groups: list[list[dict]], rng: random.Random, prefix: str) -> list[dict]:
+    """Stratified split: shuffle within each group, then deal 8/1/1 out of every 10 in a running count,
+    so totals are exact and each group of >= 10 items keeps >= 8 in train. Ids are prefix-00000, …"""
     count = 0
     for group in groups:
         for rec in rng.sample(group, len(group)):
@@ -257,7 +263,7 @@ def generate(dataset: str, seed: int = 0) -> list[dict]:
             count += 1
     records = [rec for group in groups for rec in group]
     for i, rec in enumerate(records):
-        rec["id"] = f"{dataset}-{i:05d}"
+        rec["id"] = f"{prefix}-{i:05d}"
     return records
 
 
@@ -266,10 +272,11 @@ def to_jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in records)
 
 
-def write_all(root: Path = DATA_DIR, seed: int = 0) -> None:
-    """(Re)write root/<dataset>/<split>.jsonl for both data sets, each file atomically."""
+def write_all(root: Path = DATA_DIR, seed: int = 0, make=None) -> None:
+    """(Re)write root/<dataset>/<split>.jsonl for both data sets of `make` (default: `generate`, the easy
+    regime; data/hard.py passes its own), each file atomically."""
     for dataset in DATASETS:
-        records = generate(dataset, seed)
+        records = (make or generate)(dataset, seed)
         (Path(root) / dataset).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             path = Path(root) / dataset / f"{split}.jsonl"

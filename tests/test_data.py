@@ -159,3 +159,43 @@ def test_load_split_errors_name_the_file(tmp_path):
     (tmp_path / "qa" / "test.jsonl").write_bytes(b"\xff\xfe\n")
     with pytest.raises(DataError, match="line 1 is corrupt"):
         load_split("qa", "test", root=tmp_path)
+
+
+# --- the hard regime (data/hard.py) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hard_records():
+    from data import hard
+    return {d: hard.generate(d) for d in DATASETS}
+
+
+def test_hard_generator_reproduces_committed_files(tmp_path, hard_records):
+    from data import hard
+    hard.write_all(tmp_path)
+    for d in DATASETS:
+        for s in SPLITS:
+            name = f"{d}/{s}.jsonl"
+            assert (tmp_path / name).read_bytes() == (hard.HARD_DIR / name).read_bytes(), \
+                f"data/hard/{name} is stale: run `python -m data.hard`"
+        n = SIZES[d]
+        assert Counter(r["split"] for r in hard_records[d]) == {"train": n * 8 // 10, "validation": n // 10,
+                                                                "test": n // 10}
+
+
+def test_hard_qa_needs_the_right_one_of_two_values_and_cannot_be_memorised(hard_records):
+    values = {}
+    for r in hard_records["qa"]:
+        context = r["prompt"][: -len(r["question"])]
+        assert f"{r['entity']} " in context and r["fact"] in context and r["distractor"] in context
+        assert r["distractor"] != r["fact"] and r["fact"] in r["response"] and r["distractor"] not in r["response"]
+        assert context.count(".") == 3  # three facts, two of them the asked attribute
+        values.setdefault((r["entity"], r["category"]), set()).add(r["fact"])
+    assert sum(len(v) > 1 for v in values.values()) > 0.9 * len(values)  # the value changes from prompt to prompt
+
+
+def test_hard_instructions_name_two_to_four_items_and_the_answer_covers_each(hard_records):
+    counts = Counter()
+    for r in hard_records["instruct"]:
+        counts[r["task"], len(r["required"])] += 1
+        assert all(item in r["prompt"] and item.lower() in r["response"].lower() for item in r["required"])
+    assert set(counts) == {("brainstorm", 3), ("brainstorm", 4), ("compose", 3), ("explain", 2)}

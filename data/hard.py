@@ -1,0 +1,116 @@
+"""The hard regime: the same two data sets with headroom left above an SFT model, so that RL can show
+whether it helps (data/synth.py's easy sets put the tiny model at 90–100 % exact-fact accuracy).
+
+* QA: each context states facts about two or three countries, always the asked attribute of two of
+  them, so the answer needs the right one of two values of the same kind; and the values are drawn
+  per prompt (one prompt's Pestalia was founded in 1460, another's in 1722), so no fact can be
+  memorised: only reading the context answers the question.
+* Instruction: brainstorm requests that name three or four items and compose requests that name three,
+  every one of which the answer must cover (the oracle's and the judges' `required`), and explanations
+  that compare two.
+
+Same record fields, the same 80/10/10 stratified split and the same file layout as the easy sets,
+under data/hard/: `--data data/hard` selects this regime for every command. Deterministic from the
+seed; `python -m data.hard` rewrites the committed files, and a test regenerates them byte for byte.
+"""
+import random
+from pathlib import Path
+
+from data import synth
+from data.synth import ANSWERS, CLAUSES, DATA_DIR, DATASETS, QUESTIONS, SPLITS, _cap, _world, assign_splits, topics
+
+HARD_DIR = DATA_DIR / "hard"
+SIZES = {"qa": 10_000, "instruct": 5_000}
+
+
+def _value(rng: random.Random, category: str, world: list[tuple[str, dict[str, str]]]) -> str:
+    """A value of one attribute drawn afresh: any country's capital, year, export or animal."""
+    if category == "founded":
+        return str(rng.randint(1100, 1899))
+    return rng.choice(world)[1][category]
+
+
+def _qa(rng: random.Random) -> list[list[dict]]:
+    """QA records grouped by (country, attribute) asked, 10 phrasings each: 1,000 groups."""
+    world = _world(rng)
+    names = [c for c, _ in world]
+    groups = []
+    for entity, _ in world:
+        for category in CLAUSES:
+            group = []
+            for i, q in enumerate(QUESTIONS[category]):
+                rival, third = rng.sample([n for n in names if n != entity], 2)
+                other = rng.choice([c for c in CLAUSES if c != category])
+                value, rival_value = _value(rng, category, world), _value(rng, category, world)
+                while rival_value == value:
+                    rival_value = _value(rng, category, world)
+                facts = [(entity, category, value), (rival, category, rival_value),
+                         (rng.choice([entity, rival, third]), other, _value(rng, other, world))]
+                rng.shuffle(facts)
+                context = " ".join(f"{e} {CLAUSES[c].format(v=v)}." for e, c, v in facts)
+                question = q.format(e=entity)
+                group.append({"dataset": "qa", "prompt": f"{context} {question}", "question": question,
+                              "response": ANSWERS[category][i % 3].format(e=entity, v=value), "category": category,
+                              "entity": entity, "fact": value, "keywords": [entity, value],
+                              "distractor": rival_value})
+            groups.append(group)
+    return groups
+
+
+# brainstorm with 3 or 4 items, compose with 3 (its letter frame is longer), explain compares two; prompt k
+# is answered by response k % 2
+ITEMS = {"compose": 3, "explain": 2}
+HARD_INSTRUCT = {
+    "brainstorm": (("List some ideas for {t} involving {items}.", "Brainstorm ways to get better at {t} using {items}.",
+                    "Give me ideas about {t} that mention {items}."),
+                   ("Here are some ideas for {t}. {tips}", "Ideas for {t}: {tips}")),
+    "compose": (("Write a short note about {t} that mentions {items}.", "Compose a brief paragraph on {t} covering {items}.",
+                 "Write a few friendly lines about {t} with {items}."),
+                ("A quick note on {t}. {tips} Good luck!", "Dear friend, here are tips about {t}. {tips} Enjoy!")),
+    "explain": (("Explain the roles of {items} in {t}.", "Compare the parts {items} play in {t}.",
+                 "Why do {items} matter for {t}?"),
+                ("About {t}: {tips}", "When it comes to {t}: {tips}")),
+}
+
+
+def _listing(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _instruct(rng: random.Random) -> list[list[dict]]:
+    """Instruction records grouped by topic × task, as the easy set: 144 groups of 34 or 35."""
+    per_group, extra = divmod(SIZES["instruct"], len(topics()) * len(HARD_INSTRUCT))
+    groups = []
+    for topic, tips in topics():
+        items = [tip.split()[0] for tip in tips]
+        for task, (prompts, responses) in HARD_INSTRUCT.items():
+            group, seen = [], set()
+            while len(group) < per_group + (len(groups) < extra):
+                k = rng.randrange(len(prompts))
+                picks = tuple(rng.sample(range(5), ITEMS[task] if task in ITEMS else rng.choice((3, 4))))
+                if (k, picks) in seen:
+                    continue
+                seen.add((k, picks))
+                chosen = [items[i] for i in picks]
+                said = " ".join(f"{_cap(tips[i])}." for i in picks)
+                group.append({"dataset": "instruct", "prompt": prompts[k].format(t=topic, items=_listing(chosen)),
+                              "response": responses[k % 2].format(t=topic, tips=said), "task": task,
+                              "topic": topic, "required": chosen})
+            groups.append(group)
+    return groups
+
+
+def generate(dataset: str, seed: int = 0) -> list[dict]:
+    """All records of one hard data set in id order, each with its `split` (exactly 80/10/10)."""
+    rng = random.Random(f"hard-{dataset}-{seed}")
+    return assign_splits(_qa(rng) if dataset == "qa" else _instruct(rng), rng, f"hard-{dataset}")
+
+
+def write_all(root: Path = HARD_DIR, seed: int = 0) -> None:
+    """(Re)write root/<dataset>/<split>.jsonl for both hard data sets, each file atomically."""
+    synth.write_all(root, seed, generate)
+
+
+if __name__ == "__main__":
+    write_all()
+    print(f"wrote {', '.join(f'{d}/{s}.jsonl' for d in DATASETS for s in SPLITS)} under {HARD_DIR}")
