@@ -91,13 +91,14 @@ def train_reward_model(kind: str, run: Path, rmcfg: RewardModelConfig, data: Pat
     def sample(records, temperature=1.0):
         return evaluate.answers(sft_model, tok, [r["prompt"] for r in records], False, temperature, device=device)
 
-    held_out = [r for d in DATASETS for r in load_split(d, "validation", data)[: rmcfg.held_out_prompts]]
-    if kind == "synthetic":
-        examples = []
+    validation = {d: load_split(d, "validation", data) for d in DATASETS}
+    held_out = {d: records[: rmcfg.held_out_prompts] for d, records in validation.items()}
+    if kind == "synthetic":  # labelled per data set: a corruption borrows from records of the same one
+        examples, test = [], []
         for d in DATASETS:
             records = rng.sample(load_split(d, "train", data), rmcfg.synthetic_prompts)
             examples += synthetic_labels(records, sample(records), rng)
-        test = synthetic_labels(held_out, sample(held_out), rng)
+            test += synthetic_labels(held_out[d], sample(held_out[d]), rng, pool=validation[d])
         fit = train_classifier_rm(rm, tok, examples, rmcfg, lr=3e-4, seed=seed, held_out=test)
         size = f"{len(examples)} labelled responses"
     else:
@@ -105,6 +106,7 @@ def train_reward_model(kind: str, run: Path, rmcfg: RewardModelConfig, data: Pat
         # at temperature 1 our near-deterministic SFT policy gives two equally good answers to 9 prompts
         # in 10 and the oracle has nothing to prefer; at 1.5 about 4 pairs in 10 differ
         pairs = human_preference_pairs(records, sample(records, 1.5), sample(records, 1.5), flip=0.15, rng=rng)
+        held_out = [r for d in DATASETS for r in held_out[d]]
         test = human_preference_pairs(held_out, sample(held_out, 1.5), sample(held_out, 1.5), flip=0.0, rng=rng)
         if not pairs:
             raise CLIError(f"the SFT model's samples of {len(records)} prompts gave no preference pair (the oracle "
@@ -224,17 +226,18 @@ def passes_checks(response: str, record: dict) -> bool:
 
 
 def synthetic_labels(records: list[dict], samples: list[str] | None, rng: random.Random,
-                     kinds: tuple[str, ...] = CORRUPTIONS) -> list[tuple[str, str, int]]:
+                     kinds: tuple[str, ...] = CORRUPTIONS, pool: list[dict] | None = None) -> list[tuple[str, str, int]]:
     """§7.3 Synthetic Preference data: (prompt, response, 1 good / 0 bad), one corruption per good text.
 
     Good: every reference, and samples[i] (an SFT sample for records[i]) when it passes the checks;
     a failing sample is dropped, not labelled bad, so labels stay balanced and bad means "corrupted".
+    Corruptions borrow other facts and texts from `pool` (default: the records themselves).
     """
     out = []
     for i, record in enumerate(records):
         goods = [record["response"]] + ([samples[i]] if samples and passes_checks(samples[i], record) else [])
         for good in goods:
-            bad = corrupt(good, record, rng.choice(kinds), rng, records)
+            bad = corrupt(good, record, rng.choice(kinds), rng, pool or records)
             out += [(record["prompt"], good, 1), (record["prompt"], bad, 0)]
     return out
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from data import load_split
+from data import DATA_DIR, load_split
 from data.tokenizer import train_tokenizer, training_texts
 from evaluate import degenerate, oracle_score, states_fact
 from model import PRESETS, Rollout, Transformer
@@ -30,6 +30,7 @@ from baselines import (
     synthetic_labels,
     train_bradley_terry_rm,
     train_classifier_rm,
+    train_reward_model,
 )
 
 torch.set_num_threads(1)
@@ -226,3 +227,15 @@ def test_corrupt_reward_model_file_is_one_line_error(tmp_path, content):
     with pytest.raises(ValueError) as err:
         load_reward_model(path, lambda: Transformer(CFG))
     assert "\n" not in str(err.value) and "not a reward model" in str(err.value)
+
+
+def test_a_trained_synthetic_reward_model_keeps_its_held_out_accuracy(run_dir, tmp_path):
+    for name in ("tokenizer.model", "sft.pt"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    cfg = RewardModelConfig(rm_steps=4, rm_eval_every=2, synthetic_prompts=6, held_out_prompts=4)
+    path = train_reward_model("synthetic", tmp_path, cfg, DATA_DIR)
+    saved = torch.load(path, weights_only=True)
+    # 4 validation prompts per data set, each a reference (and a passing sample) with one corruption
+    assert saved["held_out"]["items"] >= 16 and 0 <= saved["held_out"]["accuracy"] <= 1
+    assert saved["held_out"]["step"] in (2, 4)
+    assert train_reward_model("synthetic", tmp_path, cfg, DATA_DIR) == path  # once per run directory
