@@ -160,6 +160,20 @@ def report(results: dict):
         print("every assert of every chapter held for every seed")
 
 
+def write_results(out: Path, results: dict, threads: int) -> None:
+    """Merge finished seeds' reports ({seed: report}) into tutorial/sweep.json, with the RL runs each left
+    under `out`; entries of another architecture are dropped, so a table never mixes two models."""
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if old.get("architecture") != ARCHITECTURE:
+        old = {}
+    every = old.get("seeds", {}) | results
+    runs = old.get("rl_runs", {}) | {s: rl_runs(out / f"seed{s}") for s in results}
+    threads_of = old.get("threads", {}) | {s: threads for s in results}
+    RESULTS.write_text(json.dumps({"architecture": ARCHITECTURE, "threads": threads_of, "seeds": every,
+                                   "rl_runs": runs}, indent=1) + "\n")
+    report(every)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,3 (default 0-4)")
@@ -167,6 +181,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "sweep", help="folder of the seeds' runs")
     p.add_argument("--reuse", action="store_true", help="rerun the chapters over the RL runs of a previous sweep")
+    p.add_argument("--collect", action="store_true",
+                   help="only merge the seeds' finished report.json files (e.g. of an interrupted sweep) into sweep.json")
     p.add_argument("--report", action="store_true", help="print the last sweep's table and exit")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one seed here
     args = p.parse_args(argv)
@@ -177,6 +193,9 @@ def main(argv=None):
     if args.report:
         return report(json.loads(RESULTS.read_text())["seeds"])
     seeds, procs, results = parse_seeds(args.seeds), {}, {}
+    if args.collect:
+        return write_results(args.out, {str(s): json.loads((args.out / f"seed{s}" / "report.json").read_text())
+                                        for s in seeds}, args.threads)
     pending = list(seeds)
     while pending or procs:
         while pending and len(procs) < args.jobs:
@@ -197,15 +216,7 @@ def main(argv=None):
                 if proc.returncode:
                     sys.exit(f"error: seed {seed} crashed (status {proc.returncode}); see {args.out / f'seed{seed}'}")
                 results[str(seed)] = json.loads((args.out / f"seed{seed}" / "report.json").read_text())
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    every = old.get("seeds", {}) | results
-    runs = {s: rl_runs(args.out / f"seed{s}") for s in every if (args.out / f"seed{s}").is_dir()}
-    threads = old.get("threads", {}) if isinstance(old.get("threads"), dict) else \
-        {s: old["threads"] for s in old.get("seeds", {})}
-    threads |= {str(s): args.threads for s in seeds}
-    RESULTS.write_text(json.dumps({"architecture": ARCHITECTURE, "threads": threads, "seeds": old.get("seeds", {}) | results,
-                                   "rl_runs": old.get("rl_runs", {}) | runs}, indent=1) + "\n")
-    report(old.get("seeds", {}) | results)
+    write_results(args.out, results, args.threads)
 
 
 if __name__ == "__main__":
