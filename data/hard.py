@@ -17,10 +17,10 @@ import random
 from pathlib import Path
 
 from data import synth
-from data.synth import ANSWERS, CLAUSES, DATA_DIR, DATASETS, QUESTIONS, SPLITS, _cap, _world, assign_splits, topics
+from data.synth import ANSWERS, CLAUSES, DATA_DIR, DATASETS, QUESTIONS, SIZES, SPLITS, _cap, _world, assign_splits, \
+    topics
 
 HARD_DIR = DATA_DIR / "hard"
-SIZES = {"qa": 10_000, "instruct": 5_000}
 
 
 def _value(rng: random.Random, category: str, world: list[tuple[str, dict[str, str]]]) -> str:
