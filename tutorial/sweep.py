@@ -3,7 +3,7 @@
     python tutorial/sweep.py --seeds 0-4            # 5 seeds, 2 at a time on 1 thread each
     python tutorial/sweep.py --report               # which asserts failed in the last sweep
 
-The committed tutorial/sweep.json was made on a 2-core AMD EPYC with `--seeds 0 --jobs 1 --threads 2`
+The committed tutorial/sweep.json was made on a 2-core Intel Xeon with `--seeds 0 --jobs 1 --threads 2`
 (seed 0 as run.py runs the chapters, so it is the run the chapters print) and `--seeds 1-4` (1 thread
 each), then both again with `--reuse` once the chapters' asserts had been rewritten.
 
