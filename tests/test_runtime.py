@@ -107,21 +107,24 @@ def test_torchrun_sft_matches_one_process(run_dir, tmp_path):
 def test_torchrun_rl_matches_one_process(run_dir, tmp_path):
     """One PPO iteration of 8 prompts × 2 samples, one epoch of one minibatch: a single torchrun
     process against 2 DDP and 2 FSDP ranks (4 prompts each). The ranks slice their sampling noise from
-    the one global draw, so they sample the same responses; reward, KL, entropy and the gradient norm
-    (which would double or halve if the ranks' losses were weighted wrongly) agree to 1e-4
-    (KL, ≈ 0 in the first iteration, to 1e-5)."""
+    the one global draw, so they sample the same responses as one process — up to float rounding: a
+    rank's batch of 4 takes other matmul kernels than the batch of 8, its logits differ by ~1e-7, and
+    the 2-step SFT policy is nearly uniform (entropy ≈ 6.8 nats), so on some CPUs one of the 768 draws
+    lands on the other side of a boundary (measured on an Intel Xeon: reward 1.7e-4 and gradient norm
+    4.8e-3 apart, relatively). So DDP and FSDP, whose ranks run the same shapes, agree to 1e-4 (KL,
+    ≈ 0 in the first iteration, to 1e-5), and one process agrees with them to 2 % — far tighter than
+    the factor of 2 that wrongly weighted rank losses would put into the gradient norm."""
     rl = ["rl", "--iterations", "1", "--batch-prompts", "8", "--samples", "2", "--minibatches", "1", "--epochs", "1"]
     runs = {}
     for nproc, mode in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
         out = fresh_run(run_dir, tmp_path, f"{mode}{nproc}")
         torchrun(nproc, *rl, "--out", str(out), "--distributed", mode)
-        runs[nproc, mode] = rows(out / "cagsr" / "metrics.jsonl")
-        assert len(runs[nproc, mode]) == 1 and (out / "cagsr" / "rl.pt").exists()
-    (one,) = runs[1, "ddp"]
-    for key in ((2, "ddp"), (2, "fsdp")):
-        (got,) = runs[key]
-        for k in ("reward", "kl", "entropy", "grad_norm", "length"):
-            assert got[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), (key, k)
+        (runs[nproc, mode],) = rows(out / "cagsr" / "metrics.jsonl")
+        assert (out / "cagsr" / "rl.pt").exists()
+    one, ddp, fsdp = runs[1, "ddp"], runs[2, "ddp"], runs[2, "fsdp"]
+    for k in ("reward", "kl", "entropy", "grad_norm", "length"):
+        assert fsdp[k] == pytest.approx(ddp[k], rel=1e-4, abs=1e-5), ("fsdp vs ddp", k)
+        assert ddp[k] == pytest.approx(one[k], rel=2e-2, abs=1e-4), ("2 ranks vs 1 process", k)
 
 
 @pytest.mark.slow
