@@ -73,6 +73,11 @@ HARD_INSTRUCT = {
 }
 
 
+# the tiny preset writes at most ModelConfig.max_len = 64 tokens; a 26-word answer took 65 with the tokenizer
+# `prepare` trains on these sets, so longer answers (some four-item brainstorms) are not drawn
+MAX_RESPONSE_WORDS = 24
+
+
 def _listing(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
@@ -93,9 +98,11 @@ def _instruct(rng: random.Random) -> list[list[dict]]:
                 seen.add((k, picks))
                 chosen = [items[i] for i in picks]
                 said = " ".join(f"{_cap(tips[i])}." for i in picks)
+                response = responses[k % 2].format(t=topic, tips=said)
+                if len(response.split()) > MAX_RESPONSE_WORDS:
+                    continue
                 group.append({"dataset": "instruct", "prompt": prompts[k].format(t=topic, items=_listing(chosen)),
-                              "response": responses[k % 2].format(t=topic, tips=said), "task": task,
-                              "topic": topic, "required": chosen})
+                              "response": response, "task": task, "topic": topic, "required": chosen})
             groups.append(group)
     return groups
 
