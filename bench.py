@@ -33,20 +33,10 @@ from model import PRESETS, ModelConfig, Transformer, decoder_input
 from reward import cagsr_reward
 from hf import read_config
 from rundir import export_hf
+from runtime import machine
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"sampling": 2.0, "sft": 1.0, "reward_share": 0.05}  # ours/HF ≥, ours/HF ≥, reward/generate <
-
-
-def machine(device=None) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown")
-    m = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-         "threads": torch.get_num_threads(), "python": sys.version.split()[0],
-         "load_1min": os.getloadavg()[0]}  # other work on the machine skews every number below
-    if device is not None and device.type == "cuda":
-        m["gpu"] = torch.cuda.get_device_name(device)
-    return m
 
 
 def sync(device=None):

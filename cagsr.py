@@ -25,6 +25,7 @@ import hf
 import runtime
 from baselines import METHODS, RewardModelConfig
 from data import DATA_DIR, SPLITS, DataError, format_stats, length_stats
+from data.hard import HARD_DIR
 from data.user import is_user_data, records
 from data.tokenizer import Tokenizer, tokenizer_for, train_tokenizer, training_texts
 from model import PRESETS, ModelConfig
@@ -32,11 +33,11 @@ from plots import plot_attention
 from ppo import PPOConfig
 from reward import RewardConfig, fit_idf, reward_for, save_idf
 from rl import RL_PRESETS, run_rl
-from rundir import CLIError, Metrics, atomic_write, export_hf, load_model, record_init
+from rundir import CLIError, Metrics, atomic_write, export_hf, load_model, record_data, record_init
 from runtime import GPUS, memory_plan
 from sft import SFT_PRESETS, SFTConfig, encode_prompts, run_sft
 from diagnose import run_diagnostic
-from table1 import check_methods, run_table1
+from table1 import BUDGET, check_methods, run_table1
 
 # ---- settings: the configuration dataclasses, overridden by the flags that were given ------------
 
@@ -52,8 +53,9 @@ def sft_config(args) -> SFTConfig:
     return overrides(SFT_PRESETS[args.size], args) if args.command == "sft" else SFT_PRESETS[args.size]
 
 
-def ppo_config(args) -> PPOConfig:
-    return overrides(RL_PRESETS.get(args.size, PPOConfig()), args)
+def ppo_config(args, **budget) -> PPOConfig:
+    """The size's RL preset, with `budget` (a stage's own defaults, e.g. table1.BUDGET), then the flags."""
+    return overrides(dataclasses.replace(RL_PRESETS.get(args.size, PPOConfig()), **budget), args)
 
 
 def reward_configs(args) -> tuple[RewardConfig, RewardModelConfig]:
@@ -63,22 +65,32 @@ def reward_configs(args) -> tuple[RewardConfig, RewardModelConfig]:
 # ---- the small commands ----------------------------------------------------------------------------
 
 
+def check_lengths(tok, splits: dict, max_len: int) -> None:
+    """Every prompt and response fits the model's `max_len` tokens; else a one-line error naming the record."""
+    for s in splits.values():
+        encode_prompts(tok, s, max_len)
+        encode_prompts(tok, [r for r in s if "response" in r], max_len, "response")
+
+
 def prepare(args) -> Path:
     """Load and check the data, take the tokenizer of --init's checkpoint or train one on the training
     split, fit I_x's IDF on the training prompts, print length statistics. Reuses what exists. Bad data
-    is found before anything is written."""
+    (a bad record, or one longer than the model takes) is found before the tokenizer is kept."""
     run, path = args.run, args.run / "tokenizer.model"
     splits = {s: records(s, args.data) for s in SPLITS}
     if args.init:  # the checkpoint's own tokenizer and length limit; checked before anything is written
-        max_len = hf.read_config(args.init)["max_len"]
-        tok = Tokenizer(hf.tokenizer_file(args.init))
-        for s in splits.values():
-            encode_prompts(tok, s, max_len)
-            encode_prompts(tok, [r for r in s if "response" in r], max_len, "response")
+        check_lengths(Tokenizer(hf.tokenizer_file(args.init)), splits, hf.read_config(args.init)["max_len"])
     run.mkdir(parents=True, exist_ok=True)
     record_init(run, args.init)
+    record_data(run, args.data)
     if not path.exists():
-        train_tokenizer(training_texts(args.data), PRESETS[args.size].vocab_size, path)
+        trial = path.with_name("tokenizer.trial.model")
+        try:
+            check_lengths(train_tokenizer(training_texts(args.data), PRESETS[args.size].vocab_size, trial), splits,
+                          PRESETS[args.size].max_len)
+            trial.replace(path)
+        finally:
+            trial.unlink(missing_ok=True)
     tok = tokenizer_for(run)
     print(f"tokenizer: {tok.vocab_size} pieces, " + (f"from {args.init}" if args.init else "trained on the training split")
           + f" -> {path}")
@@ -89,9 +101,10 @@ def prepare(args) -> Path:
 
 
 def prepared(args) -> None:
-    """prepare, unless the run directory is prepared already (then only check --init against it)."""
+    """prepare, unless the run directory is prepared already (then only check --init and --data against it)."""
     if (args.run / "idf.json").exists():
         record_init(args.run, args.init)
+        record_data(args.run, args.data)
     else:
         prepare(args)
 
@@ -127,8 +140,8 @@ def table1(args):
         args.resume = True
         sft(args)
     rcfg, rmcfg = reward_configs(args)
-    run_table1(args.run, args.size, methods, args.seeds, ppo_config(args), rcfg, rmcfg, args.data, args.rt,
-               args.seed, args.eval_prompts, args.report_only, args.force)
+    run_table1(args.run, args.size, methods, args.seeds, ppo_config(args, **BUDGET), rcfg, rmcfg, args.data, args.rt,
+               args.seed, args.eval_prompts, args.report_only, args.force, args.diagnose_prompts, args.results)
 
 
 def diagnose_cmd(args) -> dict:
@@ -249,10 +262,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, preset=None):
 def parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument("--size", choices=list(PRESETS), default="tiny", help="model preset (default tiny)")
-    common.add_argument("--out", type=Path, help="run directory (default runs/<size>)")
+    common.add_argument("--out", type=Path, help="run directory (default runs/<size>, runs/<size>-hard for data/hard)")
     common.add_argument("--seed", type=int, default=0, help="seed of the stage's training (default 0)")
-    common.add_argument("--data", type=Path, default=DATA_DIR,
-                        help="data: the synthetic data sets' folder (default data/), or your own FILE.jsonl or folder "
+    common.add_argument("--data", type=Path,
+                        help="data: a synthetic regime's folder (default data/, the easy sets; data/hard is table1's "
+                             "default), or your own FILE.jsonl or folder "
                              "of train/validation/test.jsonl with {\"prompt\": ..., \"response\": ...} per line")
     common.add_argument("--init", type=Path, help="start from this Hugging Face T5-family checkpoint folder "
                                                   "(config.json, weights, spiece.model) instead of a fresh preset")
@@ -290,6 +304,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     t.add_argument("--eval-prompts", type=int, default=300, help="test prompts scored per data set (300, as §7.4)")
     t.add_argument("--report-only", action="store_true", help="only assemble the finished runs' scores")
+    t.add_argument("--results", type=Path, help="also copy results.*, run.json and diagnose.* into this folder "
+                                                "(the repository's results/ holds the final run's)")
+    t.add_argument("--diagnose-prompts", type=int, default=100,
+                   help="validation prompts per data set of the reward diagnostic before RL (default 100; 0 skips it)")
     g = sub.add_parser("diagnose", parents=[common, rl_flags],
                        help="before RL: does each reward order sampled answers as the oracle and the judge do?")
     g.add_argument("--checkpoint", type=Path, help="policy to sample from (default <run>/sft.pt)")
@@ -310,7 +328,10 @@ COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "rl": rl, "eval": ev
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    args.run = args.out or Path("runs") / args.size
+    # table1's default is the regime with headroom above the SFT model (data/hard.py); the rest use the easy sets
+    args.data = args.data or (HARD_DIR if args.command == "table1" else DATA_DIR)
+    hard = args.data.resolve() == HARD_DIR.resolve()
+    args.run = args.out or Path("runs") / (args.size + "-hard" * hard)
     try:
         if args.command == "plan":  # a plan needs no device and starts no process group
             return plan_cmd(args)

@@ -6,7 +6,7 @@ We have no annotators, so the human score is *simulated* by a rubric over each i
 Because an RL policy can exploit any fixed scorer, section 5 adds indicators that make reward
 hacking visible.
 
-    1. exact facts            states_fact, fact_accuracy
+    1. exact facts            states_fact, fact_accuracy, item_recall
     2. ROUGE-L                rouge_l                                 (§7.4)
     3. simulated human score  oracle_score_simulated (= oracle_score)  (§7.4 "Human Score", 1–5)
     4. reward hacking         distinct_n, repeat_share, pearson, indicators
@@ -37,6 +37,11 @@ def states_fact(answer: str, fact: str) -> bool:
 def fact_accuracy(answers: list[str], records: list[dict]) -> float:
     """Share of QA answers that state their record's gold fact."""
     return sum(states_fact(a, r["fact"]) for a, r in zip(answers, records, strict=True)) / len(records)
+
+
+def item_recall(answer: str, record: dict) -> float:
+    """Instruction sets: the share of the record's `required` items the answer mentions (whole words)."""
+    return sum(states_fact(answer, item) for item in record["required"]) / len(record["required"])
 
 
 # ---- 2. ROUGE-L ----------------------------------------------------------------------------------
@@ -135,8 +140,7 @@ def oracle_score_simulated(response: str, record: dict, data_root: Path = DATA_D
         on_topic = names_subject or (correct and not names_another)
         return 1.0 + 2 * (correct and on_topic) + on_topic + complete_sentence(response)
     on_topic = names_subject or not names_another
-    items = sum(states_fact(response, item) for item in record["required"]) / len(record["required"])
-    return 1.0 + 3 * items * on_topic + names_subject
+    return 1.0 + 3 * item_recall(response, record) * on_topic + names_subject
 
 
 oracle_score = oracle_score_simulated  # the short name the Table-1 code uses; the metric is "oracle"
@@ -188,25 +192,35 @@ def indicators(responses: list[str], rewards: list[float] | None = None, oracle:
 # ---- 5. one data set, one method, one seed -------------------------------------------------------
 
 
-def score_responses(records: list[dict], responses: list[str], judge,
-                    rewards: list[float] | None = None, attention_entropy: list[float] | None = None,
-                    data_root: Path = DATA_DIR) -> dict[str, float]:
-    """Means of §7.4's metrics (relevance from `judge`, a relevance.RelevanceJudge; rouge_l; oracle) and the
-    indicators over one data set."""
+PER_PROMPT = ("relevance", "rouge_l", "oracle", "fact_accuracy", "item_recall")  # the metrics that are means over prompts
+
+
+def per_prompt_scores(records: list[dict], responses: list[str], judge, data_root: Path = DATA_DIR) -> dict[str, list]:
+    """Each of PER_PROMPT's metrics per response (fact_accuracy as 0/1 where the records have a gold fact,
+    item_recall where they have required items): the raw scores any table is recomputed from."""
     if len(records) != len(responses) or not records:
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
-    relevance = judge.score([r["prompt"] for r in records], responses)
-    oracle = [oracle_score(y, r, data_root) for y, r in zip(responses, records)]
-    result = {
-        "relevance": sum(relevance) / len(relevance),
-        "rouge_l": sum(rouge_l(y, r["response"]) for y, r in zip(responses, records)) / len(records),
-        "oracle": sum(oracle) / len(oracle),
-    }
+    out = {"relevance": judge.score([r["prompt"] for r in records], responses),
+           "rouge_l": [rouge_l(y, r["response"]) for y, r in zip(responses, records)],
+           "oracle": [oracle_score(y, r, data_root) for y, r in zip(responses, records)]}
     if "fact" in records[0]:
-        result["fact_accuracy"] = fact_accuracy(responses, records)
+        out["fact_accuracy"] = [float(states_fact(y, r["fact"])) for y, r in zip(responses, records)]
+    if "required" in records[0]:
+        out["item_recall"] = [item_recall(y, r) for y, r in zip(responses, records)]
+    return out
+
+
+def score_responses(records: list[dict], responses: list[str], judge,
+                    rewards: list[float] | None = None, attention_entropy: list[float] | None = None,
+                    data_root: Path = DATA_DIR, per_prompt: dict | None = None) -> dict[str, float]:
+    """Means of §7.4's metrics (relevance from `judge`, a relevance.RelevanceJudge; rouge_l; oracle; and
+    fact accuracy or item recall) and the indicators over one data set; `per_prompt` (per_prompt_scores),
+    when given, saves scoring the responses again."""
+    per_prompt = per_prompt or per_prompt_scores(records, responses, judge, data_root)
+    result = {k: sum(v) / len(v) for k, v in per_prompt.items()}
     if rewards is not None:  # does the self-reward agree with the judge the policy never trained on?
-        result["reward_relevance_pearson"] = pearson(rewards, relevance)
-    return result | indicators(responses, rewards, oracle, attention_entropy)
+        result["reward_relevance_pearson"] = pearson(rewards, per_prompt["relevance"])
+    return result | indicators(responses, rewards, per_prompt["oracle"], attention_entropy)
 
 
 # ---- 6. a model's answers, and their scores ---------------------------------------------------
@@ -241,7 +255,8 @@ def answer_and_reward(model, tok, records, reward_fn, last_layers=1, device="cpu
 
 
 def evaluate_policy(model, tok, reward_fn, last_layers=1, data=DATA_DIR, device="cpu") -> dict:
-    """On the test splits behind `data`, from greedy answers: QA exact-fact accuracy; per data set the
+    """On the test splits behind `data`, from greedy answers: QA exact-fact accuracy, the instructions'
+    required-item recall; per data set the
     mean CAGSR reward terms and response length, and the perplexity of the references (where the
     records have them: a user's RL-only prompts may not)."""
     result = {}
@@ -252,6 +267,8 @@ def evaluate_policy(model, tok, reward_fn, last_layers=1, data=DATA_DIR, device=
         references = [r for r in records if "response" in r]
         if references:
             result[f"{d}_test_ppl"] = perplexity(model, encode_pairs(tok, references, model.cfg.max_len), device=device)
-        if d == "qa":
-            result["qa_fact_accuracy"] = fact_accuracy(texts, records)
+        if "fact" in records[0]:
+            result[f"{d}_fact_accuracy"] = fact_accuracy(texts, records)
+        if "required" in records[0]:
+            result[f"{d}_item_recall"] = sum(item_recall(y, r) for y, r in zip(texts, records)) / len(records)
     return result

@@ -59,7 +59,7 @@ def plot_attention(attn, prompt_pieces: list[str], response_pieces: list[str], p
 
 def plot_table1(results: dict, path: Path, order=None) -> None:
     """Bar chart: one panel per (data set, metric), one bar per method (in `order`, default the results'),
-    error bars = std over seeds."""
+    error bars = the 95 % interval (mean ± std over seeds where a metric has none); No-RL's mean dashed."""
     plt = pyplot()
     metrics = ("relevance", "rouge_l", "oracle")
     fig, axes = plt.subplots(len(results), len(metrics), figsize=(4.2 * len(metrics), 3.4 * len(results)),
@@ -67,11 +67,16 @@ def plot_table1(results: dict, path: Path, order=None) -> None:
     for row, (dataset, methods) in zip(axes, results.items()):
         names = [m for m in (order or methods) if m in methods]
         for ax, metric in zip(row, metrics):
-            ax.bar(range(len(names)), [methods[m][metric]["mean"] for m in names],
-                   yerr=[methods[m][metric]["std"] for m in names], capsize=3,
+            cells = [methods[m][metric] for m in names]
+            means = [c["mean"] for c in cells]
+            errors = [[c["mean"] - c["ci95"][0] if "ci95" in c else c["std"] for c in cells],
+                      [c["ci95"][1] - c["mean"] if "ci95" in c else c["std"] for c in cells]]
+            ax.bar(range(len(names)), means, yerr=errors, capsize=3,
                    color=["tab:gray" if m == "no-rl" else "tab:blue" if "cagsr" in m else "tab:orange" for m in names])
+            if "no-rl" in methods:
+                ax.axhline(methods["no-rl"][metric]["mean"], color="black", lw=1, ls="--")
             ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-            ax.set_title(f"{dataset}: {metric}", fontsize=10)
+            ax.set_title(f"{dataset}: {metric} (95 % interval)", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -111,6 +111,16 @@ def record_init(run: Path, init: Path | None) -> None:
     atomic_write(marker, json.dumps({"init": now, "tokenizer": str(tokenizer.resolve())}, indent=2))
 
 
+def record_data(run: Path, data: Path) -> None:
+    """Tie the run directory to the data it was prepared from (data.json): its tokenizer, IDF table and
+    models were fitted to that data, so a later stage with another --data is an error, never mixed."""
+    marker, now = run / "data.json", str(Path(data).resolve())
+    if marker.exists() and (before := json.loads(marker.read_text())["data"]) != now:
+        raise CLIError(f"{run} was prepared from --data {before}, not {now}: use another --out")
+    if not marker.exists():
+        atomic_write(marker, json.dumps({"data": now}, indent=2))
+
+
 def run_init(run: Path) -> Path | None:
     """The checkpoint folder the run directory was prepared from, or None (record_init)."""
     marker = run / "init.json"

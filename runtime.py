@@ -19,6 +19,7 @@ Rank 0 alone writes checkpoints, metrics and plots.
 """
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,19 @@ class Runtime:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+
+def machine(device=None) -> dict:
+    """The processor, cores, torch, threads and load that a timing or a result was made with."""
+    info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    cpu = f"{info.get('model name', 'unknown')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+    m = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+         "threads": torch.get_num_threads(), "python": sys.version.split()[0],
+         "load_1min": os.getloadavg()[0]}  # other work on the machine skews every number below
+    if device is not None and device.type == "cuda":
+        m["gpu"] = torch.cuda.get_device_name(device)
+    return m
 
 
 def resolve_device(name: str) -> torch.device:

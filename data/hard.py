@@ -1,10 +1,12 @@
 """The hard regime: the same two data sets with headroom left above an SFT model, so that RL can show
 whether it helps (data/synth.py's easy sets put the tiny model at 90–100 % exact-fact accuracy).
 
-* QA: each context states facts about two or three countries, always the asked attribute of two of
-  them, so the answer needs the right one of two values of the same kind; and the values are drawn
-  per prompt (one prompt's Pestalia was founded in 1460, another's in 1722), so no fact can be
-  memorised: only reading the context answers the question.
+* QA: each context states three facts about two or three countries. In half of the prompts (the even
+  phrasings) two of them are the asked attribute, so the answer needs the right one of two values of
+  the same kind; in the other half the asked attribute is stated once, among facts of other kinds. The
+  values are drawn per prompt (one prompt's Pestalia was founded in 1460, another's in 1722), so no
+  fact can be memorised: only reading the context answers the question. (With a same-kind rival in
+  every prompt the tiny model's SFT accuracy was 32 %: it picked one of the two values at chance.)
 * Instruction: brainstorm requests that name three or four items and compose requests that name three,
   every one of which the answer must cover (the oracle's and the judges' `required`), and explanations
   that compare two.
@@ -14,6 +16,7 @@ under data/hard/: `--data data/hard` selects this regime for every command. Dete
 seed; `python -m data.hard` rewrites the committed files, and a test regenerates them byte for byte.
 """
 import random
+from itertools import permutations
 from pathlib import Path
 
 from data import synth
@@ -40,11 +43,17 @@ def _qa(rng: random.Random) -> list[list[dict]]:
             group = []
             for i, q in enumerate(QUESTIONS[category]):
                 rival, third = rng.sample([n for n in names if n != entity], 2)
-                other = rng.choice([c for c in CLAUSES if c != category])
-                value, rival_value = _value(rng, category, world), _value(rng, category, world)
-                while rival_value == value:
+                other, another = rng.sample([c for c in CLAUSES if c != category], 2)
+                value = _value(rng, category, world)
+                rival_value = None
+                if i % 2 == 0:  # a same-kind rival: the answer needs the right one of two values
                     rival_value = _value(rng, category, world)
-                facts = [(entity, category, value), (rival, category, rival_value),
+                    while rival_value == value:
+                        rival_value = _value(rng, category, world)
+                    second = (rival, category, rival_value)
+                else:  # the asked attribute stated once, among facts of other kinds
+                    second = (rival, another, _value(rng, another, world))
+                facts = [(entity, category, value), second,
                          (rng.choice([entity, rival, third]), other, _value(rng, other, world))]
                 rng.shuffle(facts)
                 context = " ".join(f"{e} {CLAUSES[c].format(v=v)}." for e, c, v in facts)
@@ -66,20 +75,25 @@ HARD_INSTRUCT = {
                    ("Here are some ideas for {t}. {tips}", "Ideas for {t}: {tips}")),
     "compose": (("Write a short note about {t} that mentions {items}.", "Compose a brief paragraph on {t} covering {items}.",
                  "Write a few friendly lines about {t} with {items}."),
-                ("A quick note on {t}. {tips} Good luck!", "Dear friend, here are tips about {t}. {tips} Enjoy!")),
+                ("A quick note on {t}. {tips} Good luck!", "Dear friend, on {t}: {tips} Enjoy!")),
     "explain": (("Explain the roles of {items} in {t}.", "Compare the parts {items} play in {t}.",
                  "Why do {items} matter for {t}?"),
                 ("About {t}: {tips}", "When it comes to {t}: {tips}")),
 }
 
 
-# the tiny preset writes at most ModelConfig.max_len = 64 tokens; a 26-word answer took 65 with the tokenizer
-# `prepare` trains on these sets, so longer answers (some four-item brainstorms) are not drawn
-MAX_RESPONSE_WORDS = 24
+# the tiny preset writes at most ModelConfig.max_len = 64 tokens. With the tokenizer `prepare` trains on these
+# sets, answers of up to 140 characters take at most 58 (`prepare` checks every record; a 140-character one
+# took 67 tokens under another mix of QA text), so longer answers (most four-item brainstorms) are not drawn
+MAX_RESPONSE_CHARS = 140
 
 
 def _listing(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _said(tips: list[str], picks: tuple[int, ...]) -> str:
+    return " ".join(f"{_cap(tips[i])}." for i in picks)
 
 
 def _instruct(rng: random.Random) -> list[list[dict]]:
@@ -89,20 +103,15 @@ def _instruct(rng: random.Random) -> list[list[dict]]:
     for topic, tips in topics():
         items = [tip.split()[0] for tip in tips]
         for task, (prompts, responses) in HARD_INSTRUCT.items():
-            group, seen = [], set()
-            while len(group) < per_group + (len(groups) < extra):
-                k = rng.randrange(len(prompts))
-                picks = tuple(rng.sample(range(5), ITEMS[task] if task in ITEMS else rng.choice((3, 4))))
-                if (k, picks) in seen:
-                    continue
-                seen.add((k, picks))
+            fits = [(k, picks) for k in range(len(prompts)) for n in ((ITEMS[task],) if task in ITEMS else (3, 4))
+                    for picks in permutations(range(5), n)
+                    if len(responses[k % 2].format(t=topic, tips=_said(tips, picks))) <= MAX_RESPONSE_CHARS]
+            group = []
+            for k, picks in rng.sample(fits, per_group + (len(groups) < extra)):
                 chosen = [items[i] for i in picks]
-                said = " ".join(f"{_cap(tips[i])}." for i in picks)
-                response = responses[k % 2].format(t=topic, tips=said)
-                if len(response.split()) > MAX_RESPONSE_WORDS:
-                    continue
                 group.append({"dataset": "instruct", "prompt": prompts[k].format(t=topic, items=_listing(chosen)),
-                              "response": response, "task": task, "topic": topic, "required": chosen})
+                              "response": responses[k % 2].format(t=topic, tips=_said(tips, picks)), "task": task,
+                              "topic": topic, "required": chosen})
             groups.append(group)
     return groups
 

@@ -115,6 +115,22 @@ def test_prompt_longer_than_the_model_reads_is_one_line(run_dir):
     assert json.loads((run_dir / "config.json").read_text())["size"] == "tiny"
 
 
+def test_prepare_refuses_a_record_longer_than_the_model_and_keeps_no_tokenizer(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}?", "response": f"answer {i}."}) + "\n"
+                            for i in range(30)) + json.dumps({"prompt": "long?", "response": "word " * 80}) + "\n")
+    proc = run_cli("prepare", "--out", str(tmp_path / "run"), "--data", str(data))
+    assert_one_line_error(proc, "mine.jsonl:31", "at most 64")
+    assert not list((tmp_path / "run").glob("tokenizer*"))  # a rerun on fixed data trains a new tokenizer
+
+
+def test_a_run_directory_refuses_other_data_than_it_was_prepared_from(run_dir):
+    before = (run_dir / "sft.pt").read_bytes()
+    assert_one_line_error(run_cli("sft", "--out", str(run_dir), "--data", "data/hard", "--force"), "prepared from --data")
+    assert_one_line_error(run_cli("table1", "--out", str(run_dir), "--methods", "no-rl"), "prepared from --data")
+    assert (run_dir / "sft.pt").read_bytes() == before
+
+
 def test_memory_plan_counts_the_real_model_and_grows_with_size():
     import torch
     from model import Transformer

@@ -183,14 +183,17 @@ def test_hard_generator_reproduces_committed_files(tmp_path, hard_records):
                                                                 "test": n // 10}
 
 
-def test_hard_qa_needs_the_right_one_of_two_values_and_cannot_be_memorised(hard_records):
-    values = {}
+def test_hard_qa_needs_the_right_one_of_two_values_in_half_the_prompts_and_cannot_be_memorised(hard_records):
+    values, rivals = {}, 0
     for r in hard_records["qa"]:
         context = r["prompt"][: -len(r["question"])]
-        assert f"{r['entity']} " in context and r["fact"] in context and r["distractor"] in context
-        assert r["distractor"] != r["fact"] and r["fact"] in r["response"] and r["distractor"] not in r["response"]
-        assert context.count(".") == 3  # three facts, two of them the asked attribute
+        assert f"{r['entity']} " in context and r["fact"] in context and r["fact"] in r["response"]
+        assert context.count(".") == 3  # three facts
+        if r["distractor"] is not None:  # a same-kind rival value that must not be the answer
+            rivals += 1
+            assert r["distractor"] in context and r["distractor"] != r["fact"] and r["distractor"] not in r["response"]
         values.setdefault((r["entity"], r["category"]), set()).add(r["fact"])
+    assert rivals == len(hard_records["qa"]) // 2
     assert sum(len(v) > 1 for v in values.values()) > 0.9 * len(values)  # the value changes from prompt to prompt
 
 
@@ -204,6 +207,6 @@ def test_hard_instructions_name_two_to_four_items_and_the_answer_covers_each(har
 
 def test_the_hard_regime_fits_the_tiny_model(tmp_path):
     """`prepare --data data/hard` accepts every record: with the tokenizer it trains on the hard sets, no
-    prompt or response is longer than the tiny model's 64 tokens (a 26-word answer once took 65)."""
+    prompt or response is longer than the tiny model's 64 tokens (a 140-character answer once took 67)."""
     proc = run_cli("prepare", "--out", str(tmp_path), "--data", "data/hard")
     assert proc.returncode == 0, proc.stderr[-500:]

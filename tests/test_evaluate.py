@@ -18,6 +18,7 @@ from data import load_split
 from evaluate import (
     distinct_n,
     indicators,
+    item_recall,
     oracle_score,
     pearson,
     rouge_l,
@@ -137,6 +138,14 @@ def test_every_reference_scores_5_and_another_topics_reference_scores_low(refere
 
 
 # ---- reward-hacking indicators ----------------------------------------------------------------------
+
+
+def test_item_recall_counts_whole_word_mentions_of_the_required_items():
+    record = {"required": ["Gloves", "Caulk", "Sandpaper", "Plungers"]}
+    assert item_recall("Wear gloves and use caulk.", record) == 0.5
+    assert item_recall("Caulking is not caulk-free sandpapers.", record) == 0.25  # "caulk" is a whole word there
+    assert item_recall("", record) == 0.0
+    assert item_recall("plungers GLOVES caulk Sandpaper", record) == 1.0
 
 
 def test_distinct_n_edges():
@@ -269,5 +278,7 @@ def test_score_responses_on_the_references(trained, references, record_property)
     out = score_responses(records, [r["response"] for r in records], judge)
     record_property("relevance_of_references", out["relevance"])
     assert out["rouge_l"] == 1.0 and out["oracle"] == 5.0 and out["fact_accuracy"] == 1.0
+    instruct = references["instruct"][:20]
+    assert score_responses(instruct, [r["response"] for r in instruct], judge)["item_recall"] == 1.0
     assert out["relevance"] > 0.8
     assert {"mean_length", "distinct_2", "repeat", "empty"} <= out.keys()
