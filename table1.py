@@ -12,6 +12,7 @@ method's paired difference to No-RL, beside the paper's numbers; the reward diag
     table1_markdown  the paper's layout, the differences, the ablations and the reward-hacking indicators
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -271,7 +272,7 @@ def run_table1(run: Path, size: str, methods: list[str], seeds: int, cfg: PPOCon
         atomic_write(out / "run.json", json.dumps(made, indent=2))
     made = json.loads((out / "run.json").read_text())
     md = [f"Made by `{made['command']}` on {made['cpu']}, torch {made['torch']}, {made['threads']} threads, "
-          f"{made['date']} ({made['seconds'] / 60:.0f} min); data {made['data']}.", ""]
+          f"{made['date']} ({made['seconds'] / 60:.0f} min); data {os.path.relpath(made['data'])}.", ""]
     if (run / "diagnose.json").exists():
         md += ["### The reward diagnostic of the SFT model (validation split, before any RL)", "",
                diagnostic_markdown(json.loads((run / "diagnose.json").read_text())["results"])]
