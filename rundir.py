@@ -27,10 +27,11 @@ class CLIError(Exception):
 
 
 def _replace_atomically(path: Path, write) -> None:
-    """write(tmp) into a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """write(tmp) into a temporary file beside `path`, flush it to disk, then rename it over `path`. The
+    temporary name carries the process id, so that torchrun's ranks writing the same file do not collide."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
