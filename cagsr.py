@@ -79,7 +79,8 @@ def prepare(args) -> Path:
     run, path = args.run, args.run / "tokenizer.model"
     splits = {s: records(s, args.data) for s in SPLITS}
     if args.init:  # the checkpoint's own tokenizer and length limit; checked before anything is written
-        check_lengths(Tokenizer(hf.tokenizer_file(args.init)), splits, hf.read_config(args.init)["max_len"])
+        max_len = hf.read_config(args.init)["max_len"]  # first: is it a T5-family checkpoint at all?
+        check_lengths(Tokenizer(hf.tokenizer_file(args.init)), splits, max_len)
     run.mkdir(parents=True, exist_ok=True)
     record_init(run, args.init)
     record_data(run, args.data)

@@ -295,24 +295,32 @@ def run_table1(run: Path, size: str, methods: list[str], seeds: int, cfg: PPOCon
     print(f"table1: {len(methods)} methods × {seeds} seeds in {time.time() - t0:.0f} s -> {out}/results.md")
 
 
-# ---- the README's results, generated from results/results.md ----------------------------------------
+# ---- the README's results, generated from results/results.md (hard regime) and results/easy/results.md ---
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-README_BEGIN = "<!-- begin results/results.md: `python table1.py --readme` writes this block, a test checks it -->"
-README_END = "<!-- end results/results.md -->"
+ROOT = Path(__file__).resolve().parent
+RESULTS = ("results/results.md", "results/easy/results.md")  # the committed runs, each a block of the README
 
 
-def readme_with_results(readme: str, results_md: str) -> str:
-    """The README with the text between README_BEGIN and README_END replaced by results.md."""
-    head, rest = readme.split(README_BEGIN)
-    return f"{head}{README_BEGIN}\n{results_md.strip()}\n{README_END}{rest.split(README_END)[1]}"
+def readme_markers(name: str) -> tuple[str, str]:
+    return (f"<!-- begin {name}: `python table1.py --readme` writes this block, a test checks it -->",
+            f"<!-- end {name} -->")
+
+
+def readme_with_results(readme: str, name: str, results_md: str) -> str:
+    """The README with the text between the markers of results file `name` replaced by its text."""
+    begin, end = readme_markers(name)
+    head, rest = readme.split(begin)
+    return f"{head}{begin}\n{results_md.strip()}\n{end}{rest.split(end)[1]}"
 
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(description="copy results/results.md into the README's results block")
+    ap = argparse.ArgumentParser(description="copy each of results/**/results.md into its block of the README")
     ap.add_argument("--readme", action="store_true", required=True)
     ap.parse_args()
-    readme = RESULTS_DIR.parent / "README.md"
-    atomic_write(readme, readme_with_results(readme.read_text(), (RESULTS_DIR / "results.md").read_text()))
-    print(f"wrote {readme} from {RESULTS_DIR / 'results.md'}")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name in RESULTS:
+        text = readme_with_results(text, name, (ROOT / name).read_text())
+    atomic_write(readme, text)
+    print(f"wrote {readme} from {', '.join(RESULTS)}")
