@@ -7,15 +7,20 @@ whether it helps (data/synth.py's easy sets put the tiny model at 90–100 % exa
   values are drawn per prompt (one prompt's Pestalia was founded in 1460, another's in 1722), so no
   fact can be memorised: only reading the context answers the question. (With a same-kind rival in
   every prompt the tiny model's SFT accuracy was 32 %: it picked one of the two values at chance.)
-* Instruction: brainstorm requests that name three or four items and compose requests that name three,
-  every one of which the answer must cover (the oracle's and the judges' `required`), and explanations
-  that compare two.
+* Instruction: brainstorm requests with three or four items and compose requests with three, every one
+  of which the answer must cover (the oracle's and the judges' `required`), and explanations that
+  compare two. A third of the prompts name topic and items in the request, which the tiny model learns to copy
+  (its required-item recall was 99.5 % when every prompt did). The other two thirds are the rival form:
+  "Ben's list: salt, herbs and resting. Ana's list: mulch, compost and pruning. Write a short note that
+  mentions the items on Ana's list." The answer needs the asked person's items, not the other's
+  (`distractor`, from another topic), and the topic they belong to, which the prompt does not name.
 
 Same record fields, the same 80/10/10 stratified split and the same file layout as the easy sets,
 under data/hard/: `--data data/hard` selects this regime for every command. Deterministic from the
 seed; `python -m data.hard` rewrites the committed files, and a test regenerates them byte for byte.
 """
 import random
+import re
 from itertools import permutations
 from pathlib import Path
 
@@ -87,6 +92,22 @@ HARD_INSTRUCT = {
 # took 67 tokens under another mix of QA text), so longer answers (most four-item brainstorms) are not drawn
 MAX_RESPONSE_CHARS = 140
 
+# the rival form of an instruction prompt: two people's lists of items, each from another topic, then a
+# request for one person's items that names neither the items nor the topic
+PEOPLE = ("Ana", "Ben", "Chloe", "Dev", "Eva", "Finn", "Gita", "Hugo", "Ines", "Jon", "Kira", "Liam")
+RIVAL_LIST = "{p}'s list: {items}."
+RIVAL_REQUEST = {"brainstorm": "List some ideas with the items on {p}'s list.",
+                 "compose": "Write a short note that mentions the items on {p}'s list.",
+                 "explain": "Explain the roles of the two items on {p}'s list."}
+
+
+def _apart(one: tuple[str, list[str]], other: tuple[str, list[str]]) -> bool:
+    """Do two (topic, tips) share no word between the items of one and the topic and tips of the other?
+    Then an answer's required-item recall never counts the items of the wrong list."""
+    def words(t, tips): return set(re.findall(r"\w+", " ".join([t, *tips]).lower()))
+    def items(t, tips): return {tip.split()[0].lower() for tip in tips}
+    return not (items(*one) & words(*other) or items(*other) & words(*one))
+
 
 def _listing(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
@@ -97,21 +118,31 @@ def _said(tips: list[str], picks: tuple[int, ...]) -> str:
 
 
 def _instruct(rng: random.Random) -> list[list[dict]]:
-    """Instruction records grouped by topic × task, as the easy set: 144 groups of 34 or 35."""
+    """Instruction records grouped by topic × task, as the easy set: 144 groups of 34 or 35. Two thirds of
+    the prompts list the items of two topics and ask for one of them (the rival form)."""
     per_group, extra = divmod(SIZES["instruct"], len(topics()) * len(HARD_INSTRUCT))
     groups = []
     for topic, tips in topics():
         items = [tip.split()[0] for tip in tips]
+        others = [[tip.split()[0] for tip in ts] for t, ts in topics() if _apart((topic, tips), (t, ts))]
         for task, (prompts, responses) in HARD_INSTRUCT.items():
             fits = [(k, picks) for k in range(len(prompts)) for n in ((ITEMS[task],) if task in ITEMS else (3, 4))
                     for picks in permutations(range(5), n)
                     if len(responses[k % 2].format(t=topic, tips=_said(tips, picks))) <= MAX_RESPONSE_CHARS]
             group = []
-            for k, picks in rng.sample(fits, per_group + (len(groups) < extra)):
-                chosen = [items[i] for i in picks]
-                group.append({"dataset": "instruct", "prompt": prompts[k].format(t=topic, items=_listing(chosen)),
+            for i, (k, picks) in enumerate(rng.sample(fits, per_group + (len(groups) < extra))):
+                chosen = [items[j] for j in picks]
+                prompt, rival = prompts[k].format(t=topic, items=_listing(chosen)), None
+                if i % 3:  # the rival form: the answer needs the asked person's items, and from them its topic
+                    rival = rng.sample(rng.choice(others), len(chosen))
+                    person, other = rng.sample(PEOPLE, 2)
+                    lists = [(person, chosen), (other, rival)]
+                    rng.shuffle(lists)
+                    prompt = " ".join(RIVAL_LIST.format(p=p, items=_listing(w)) for p, w in lists) + " " + \
+                        RIVAL_REQUEST[task].format(p=person)
+                group.append({"dataset": "instruct", "prompt": prompt,
                               "response": responses[k % 2].format(t=topic, tips=_said(tips, picks)), "task": task,
-                              "topic": topic, "required": chosen})
+                              "topic": topic, "required": chosen, "distractor": rival})
             groups.append(group)
     return groups
 

@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 
+import evaluate
 from conftest import run_cli
 from data import (DATA_DIR, DATASETS, INSTRUCT_PROMPT_TOKENS, INSTRUCT_RESPONSE_TOKENS,
                   QA_ANSWER_TOKENS, QA_PROMPT_TOKENS, QA_QUESTION_TOKENS, SPLITS, TINY_VOCAB, DataError, Tokenizer,
@@ -203,6 +204,20 @@ def test_hard_instructions_name_two_to_four_items_and_the_answer_covers_each(har
         counts[r["task"], len(r["required"])] += 1
         assert all(item in r["prompt"] and item.lower() in r["response"].lower() for item in r["required"])
     assert set(counts) == {("brainstorm", 3), ("brainstorm", 4), ("compose", 3), ("explain", 2)}
+
+
+def test_two_thirds_of_the_hard_instructions_need_the_asked_persons_items_and_infer_the_topic(hard_records):
+    """The rival form lists as many items of another topic for another person, and names no topic, so only
+    binding the asked person to a list answers it."""
+    from data import hard
+    rivals = [r for r in hard_records["instruct"] if r["distractor"] is not None]
+    assert abs(len(rivals) / len(hard_records["instruct"]) - 2 / 3) < 0.02
+    for r in rivals:
+        assert len(r["distractor"]) == len(r["required"]) and not {*r["distractor"]} & {*r["required"]}
+        assert all(w in r["prompt"] and not evaluate.states_fact(r["response"], w) for w in r["distractor"])
+        assert not evaluate.states_fact(r["prompt"], r["topic"]) or r["topic"] in r["distractor"]  # "sleep" is both
+        asked = r["prompt"].split()[-2].removesuffix("'s")
+        assert asked in hard.PEOPLE and f"{asked}'s list: {hard._listing(r['required'])}." in r["prompt"]
 
 
 def test_the_hard_regime_fits_the_tiny_model(tmp_path):
