@@ -24,8 +24,8 @@ import evaluate
 import hf
 import runtime
 from baselines import METHODS, RewardModelConfig
-from data import DATA_DIR, SPLITS, DataError, format_stats, length_stats
-from data.hard import HARD_DIR
+from data import SPLITS, DataError, format_stats, length_stats
+from data.hard import default_data, default_run
 from data.user import is_user_data, records
 from data.tokenizer import Tokenizer, tokenizer_for, train_tokenizer, training_texts
 from model import PRESETS, ModelConfig
@@ -35,7 +35,7 @@ from reward import RewardConfig, fit_idf, reward_for, save_idf
 from rl import RL_PRESETS, run_rl
 from rundir import CLIError, Metrics, atomic_write, export_hf, load_model, record_data, record_init
 from runtime import GPUS, memory_plan
-from sft import SFT_PRESETS, SFTConfig, encode_prompts, run_sft
+from sft import SFT_PRESETS, SFTConfig, check_lengths, run_sft
 from diagnose import run_diagnostic
 from table1 import BUDGET, check_methods, run_table1
 
@@ -63,13 +63,6 @@ def reward_configs(args) -> tuple[RewardConfig, RewardModelConfig]:
 
 
 # ---- the small commands ----------------------------------------------------------------------------
-
-
-def check_lengths(tok, splits: dict, max_len: int) -> None:
-    """Every prompt and response fits the model's `max_len` tokens; else a one-line error naming the record."""
-    for s in splits.values():
-        encode_prompts(tok, s, max_len)
-        encode_prompts(tok, [r for r in s if "response" in r], max_len, "response")
 
 
 def prepare(args) -> Path:
@@ -329,10 +322,8 @@ COMMANDS = {None: pipeline, "prepare": prepare, "sft": sft, "rl": rl, "eval": ev
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    # table1's default is the regime with headroom above the SFT model (data/hard.py); the rest use the easy sets
-    args.data = args.data or (HARD_DIR if args.command == "table1" else DATA_DIR)
-    hard = args.data.resolve() == HARD_DIR.resolve()
-    args.run = args.out or Path("runs") / (args.size + "-hard" * hard)
+    args.data = args.data or default_data(args.command)
+    args.run = args.out or default_run(args.size, args.data)
     try:
         if args.command == "plan":  # a plan needs no device and starts no process group
             return plan_cmd(args)

@@ -56,6 +56,13 @@ def encode_prompts(tok, records: list[dict], max_len: int, field="prompt") -> li
     return out
 
 
+def check_lengths(tok, splits: dict, max_len: int) -> None:
+    """Every prompt and response fits the model's `max_len` tokens; else a one-line error naming the record."""
+    for s in splits.values():
+        encode_prompts(tok, s, max_len)
+        encode_prompts(tok, [r for r in s if "response" in r], max_len, "response")
+
+
 def encode_pairs(tok, records: list[dict], max_len: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per record, each ending in EOS; too long or no response is an error."""
     for r in records:

@@ -153,6 +153,16 @@ def generate(dataset: str, seed: int = 0) -> list[dict]:
     return assign_splits(_qa(rng) if dataset == "qa" else _instruct(rng), rng, f"hard-{dataset}")
 
 
+def default_data(command: str | None) -> Path:
+    """table1's default is this regime, with headroom above the SFT model; every other command's, the easy sets."""
+    return HARD_DIR if command == "table1" else DATA_DIR
+
+
+def default_run(size: str, data: Path) -> Path:
+    """runs/<size>/, or runs/<size>-hard/ for this regime."""
+    return Path("runs") / (size + "-hard" * (Path(data).resolve() == HARD_DIR.resolve()))
+
+
 def write_all(root: Path = HARD_DIR, seed: int = 0) -> None:
     """(Re)write root/<dataset>/<split>.jsonl for both hard data sets, each file atomically."""
     synth.write_all(root, seed, generate)
