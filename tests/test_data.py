@@ -215,7 +215,7 @@ def test_two_thirds_of_the_hard_instructions_need_the_asked_persons_items_and_in
     for r in rivals:
         assert len(r["distractor"]) == len(r["required"]) and not {*r["distractor"]} & {*r["required"]}
         assert all(w in r["prompt"] and not evaluate.states_fact(r["response"], w) for w in r["distractor"])
-        assert not evaluate.states_fact(r["prompt"], r["topic"]) or r["topic"] in r["distractor"]  # "sleep" is both
+        assert not evaluate.states_fact(r["prompt"], r["topic"])
         asked = r["prompt"].split()[-2].removesuffix("'s")
         assert asked in hard.PEOPLE and f"{asked}'s list: {hard._listing(r['required'])}." in r["prompt"]
 
