@@ -105,8 +105,13 @@ def _apart(one: tuple[str, list[str]], other: tuple[str, list[str]]) -> bool:
     """Do two (topic, tips) share no word between the items of one and the topic and tips of the other?
     Then an answer's required-item recall never counts the items of the wrong list."""
     def words(t, tips): return set(re.findall(r"\w+", " ".join([t, *tips]).lower()))
-    def items(t, tips): return {tip.split()[0].lower() for tip in tips}
+    def items(t, tips): return {w.lower() for w in _items(tips)}
     return not (items(*one) & words(*other) or items(*other) & words(*one))
+
+
+def _items(tips: list[str]) -> list[str]:
+    """A topic's items: the first word of each of its tips."""
+    return [tip.split()[0] for tip in tips]
 
 
 def _listing(words: list[str]) -> str:
@@ -123,8 +128,8 @@ def _instruct(rng: random.Random) -> list[list[dict]]:
     per_group, extra = divmod(SIZES["instruct"], len(topics()) * len(HARD_INSTRUCT))
     groups = []
     for topic, tips in topics():
-        items = [tip.split()[0] for tip in tips]
-        others = [[tip.split()[0] for tip in ts] for t, ts in topics() if _apart((topic, tips), (t, ts))]
+        items = _items(tips)
+        others = [_items(ts) for t, ts in topics() if _apart((topic, tips), (t, ts))]
         for task, (prompts, responses) in HARD_INSTRUCT.items():
             fits = [(k, picks) for k in range(len(prompts)) for n in ((ITEMS[task],) if task in ITEMS else (3, 4))
                     for picks in permutations(range(5), n)
