@@ -225,7 +225,7 @@ def bench_reward_share(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
 def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, prompt_len=24, repeats=3) -> dict:
     """Seconds of one CAGSR iteration (ppo.collect_rollout + ppo.update with the tiny preset's PPO
     settings) split into sampling, reward, reference log-probs and the PPO update; median per part."""
-    from ppo import ActorCritic, PPOConfig, ValueHead, collect_rollout, ppo_update
+    from ppo import ActorCritic, PPOConfig, ValueHead, adam, collect_rollout, ppo_update
     from reward import AttentionReward
 
     pieces = ["<pad>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(cfg.vocab_size - 3)]
@@ -234,7 +234,7 @@ def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
     reference = copy.deepcopy(policy).requires_grad_(False)
     head = ValueHead(cfg.d_model)
     ppo_cfg = PPOConfig(batch_prompts=prompts, samples=samples, max_new_tokens=new_tokens)
-    opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=ppo_cfg.lr)
+    opt = adam([*policy.parameters(), *head.parameters()], ppo_cfg)
     src, gen = random_ids(prompts, prompt_len, cfg, seed=6), torch.Generator().manual_seed(0)
     parts = []
     for _ in range(repeats + 1):  # the first is the warm-up
@@ -370,7 +370,7 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
     (iteration), then the median of `repeats`; on a GPU also the peak memory allocated (GiB)."""
     from rl import RL_PRESETS
     from sft import SFT_PRESETS, sequence_nll
-    from ppo import ActorCritic, PPOConfig, ValueHead, collect_rollout, ppo_update
+    from ppo import ActorCritic, PPOConfig, ValueHead, adam, collect_rollout, ppo_update
     from reward import AttentionReward
     from runtime import setup
 
@@ -431,7 +431,7 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
     reference = copy.deepcopy(policy).requires_grad_(False)
     model = rt.prepare(ActorCritic(policy, head), ppo_cfg.baseline != "value", shard_layers=False)
     policy, head = rt.unwrap(model).policy, rt.unwrap(model).value_head
-    opt = torch.optim.Adam(model.parameters(), lr=ppo_cfg.lr)
+    opt = adam(model.parameters(), ppo_cfg)
     src, gen = random_ids(B, S, cfg, seed=9).to(dev), torch.Generator().manual_seed(0)
     if gpu:
         torch.cuda.reset_peak_memory_stats(dev)

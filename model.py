@@ -146,9 +146,30 @@ def attend(q, k, v, bias=None, need_weights=False):
     return weights.to(v.dtype) @ v, weights
 
 
+class Packing:
+    """The real positions of a padded batch [R,T], for running the per-token work on them alone.
+
+    Every projection, norm and feed-forward of a Transformer acts on each token by itself; only
+    attention needs the [R,T] layout. A teacher-forced PPO batch is mostly padding (responses of ~18
+    tokens padded to the longest, 48), so the decoder keeps its states packed, [n,D] over the n real
+    positions, and attention unpacks its queries, keys and values into [R,T] (zeros at the padding)
+    and packs its output back. Each row's real positions must be a prefix (a response, then pad):
+    then a real query's causal window t' ≤ t holds only real keys, and the padding is never read."""
+
+    def __init__(self, mask):  # mask [R,T] bool, True = real position
+        self.shape = mask.shape
+        self.index = mask.reshape(-1).nonzero()[:, 0]  # [n] row-major: row r, step t at r·T + t
+
+    def pack(self, x):  # [R,T,F] -> [n,F]
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, x):  # [n,F] -> [R,T,F], zeros at the padding
+        return x.new_zeros(self.shape.numel(), x.shape[-1]).index_copy(0, self.index, x).view(*self.shape, -1)
+
+
 class Attention(nn.Module):
     """Multi-head attention, for self-attention (keys from x) and cross-attention (keys from memory).
-    q, k, v, o are T5's names; none has a bias."""
+    q, k, v, o are T5's names; none has a bias. x may be packed (see Packing): [n,D] with `packing`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -159,15 +180,22 @@ class Attention(nn.Module):
     def split_heads(self, x):  # [B,T,H·d] -> [B,H,T,d]
         return x.view(x.shape[0], x.shape[1], self.h, self.d).transpose(1, 2)
 
-    def keys_values(self, x):  # [B,T,D] -> k, v each [B,H,T,d]
-        return self.split_heads(self.k(x)), self.split_heads(self.v(x))
+    def keys_values(self, x, packing=None):  # [B,T,D] (or packed [n,D]) -> k, v each [B,H,T,d]
+        k, v = self.k(x), self.v(x)
+        if packing is not None:
+            k, v = packing.unpack(k), packing.unpack(v)
+        return self.split_heads(k), self.split_heads(v)
 
-    def forward(self, x, k, v, bias=None, need_weights=False):
-        """x [B,T,D] queries; k, v [B',H,Tk,d] with B = B'·N: the N consecutive query rows of one
-        key row (the N samples of one prompt) share its keys without copying them."""
-        B, T, _ = x.shape
+    def forward(self, x, k, v, bias=None, need_weights=False, packing=None):
+        """x [B,T,D] queries (or packed [n,D] with `packing`); k, v [B',H,Tk,d] with B = B'·N: the N
+        consecutive query rows of one key row (the N samples of one prompt) share its keys without
+        copying them. The output has x's layout."""
+        q = self.q(x)
+        if packing is not None:
+            q = packing.unpack(q)
+        B, T, _ = q.shape
         n = B // k.shape[0]
-        q = self.split_heads(self.q(x))  # [B,H,T,d]
+        q = self.split_heads(q)  # [B,H,T,d]
         if n > 1:  # fold the N samples into the query axis: [B'·N,H,T,d] -> [B',H,N·T,d]
             q = q.view(-1, n, self.h, T, self.d).transpose(1, 2).reshape(-1, self.h, n * T, self.d)
         out, w = attend(q, k, v, bias, need_weights)
@@ -175,7 +203,8 @@ class Attention(nn.Module):
             out = out.view(-1, self.h, n, T, self.d).transpose(1, 2).reshape(B, self.h, T, self.d)
             if w is not None:
                 w = w.view(-1, self.h, n, T, w.shape[-1]).transpose(1, 2).reshape(B, self.h, T, -1)
-        return self.o(out.transpose(1, 2).reshape(B, T, self.h * self.d)), w
+        out = out.transpose(1, 2).reshape(B, T, self.h * self.d)
+        return self.o(out if packing is None else packing.pack(out)), w
 
 
 class FeedForward(nn.Module):
@@ -216,22 +245,24 @@ class DecoderLayer(nn.Module):
         self.ln2, self.cross_attn = RMSNorm(cfg.d_model, cfg.eps), Attention(cfg)
         self.ln3, self.ff = RMSNorm(cfg.d_model, cfg.eps), FeedForward(cfg)
 
-    def forward(self, x, cross_kv, self_bias, cross_bias, need_weights=False, cache=None, t=0):
-        """Pre-norm block on x [B·N,T,D]. cross_kv: the prompt's keys/values [B,H,S,d], once per
+    def forward(self, x, cross_kv, self_bias, cross_bias, need_weights=False, cache=None, t=0, packing=None):
+        """Pre-norm block on x [B·N,T,D] (or packed [n,D] with `packing`). cross_kv: the prompt's keys/values [B,H,S,d], once per
         prompt — or the encoder memory [B,S,D], projected here (inside forward, where FSDP has gathered
         this layer's weights). self_bias: position bias plus causal mask for x's queries; cross_bias
         [B,1,1,S]: the prompt's padding. Teacher forcing (cache None) attends over x itself; sampling
         writes step t's keys/values into `cache` [2,B·N,H,T_max,d] and attends over steps 0…t.
-        Returns the new x and the cross-attention weights [B·N,H,T,S] (or None)."""
+        Returns the new x and the cross-attention weights [B·N,H,T,S] (or None; not 0 at packed-out
+        padding)."""
         if isinstance(cross_kv, torch.Tensor):
             cross_kv = self.cross_attn.keys_values(cross_kv)
         h = self.ln1(x)
-        k, v = self.self_attn.keys_values(h)
+        k, v = self.self_attn.keys_values(h, packing)
         if cache is not None:
             cache[0, :, :, t : t + 1], cache[1, :, :, t : t + 1] = k, v
             k, v = cache[0, :, :, : t + 1], cache[1, :, :, : t + 1]
-        x = x + self.self_attn(h, k, v, bias=self_bias)[0]
-        a, w = self.cross_attn(self.ln2(x), *cross_kv, bias=cross_bias, need_weights=need_weights)
+        x = x + self.self_attn(h, k, v, bias=self_bias, packing=packing)[0]
+        a, w = self.cross_attn(self.ln2(x), *cross_kv, bias=cross_bias, need_weights=need_weights,
+                               packing=packing)
         x = x + a
         return x + self.ff(self.ln3(x)), w
 
@@ -345,33 +376,40 @@ class Transformer(nn.Module):
         return self.dec_pos(T, T) + additive_mask(causal)
 
     # ---- teacher forcing ----------------------------------------------------------------------
-    def decoder_states(self, memory, src_mask, tgt_ids, capture_last=0):
+    def decoder_states(self, memory, src_mask, tgt_ids, capture_last=0, tgt_mask=None):
         """Teacher-forced decoder. memory [B,S,D]; tgt_ids [B·N,T] (N ≥ 1 targets per prompt, rows
         b·N…b·N+N−1 belong to prompt b). Returns the final states [B·N,T,D] (before the output norm)
-        and Ā [B·N,T,S] of the last `capture_last` layers, or None."""
+        and Ā [B·N,T,S] of the last `capture_last` layers, or None. With tgt_mask [B·N,T] (True = real
+        position, a prefix of each row) the decoder runs packed (Packing) and returns the states of
+        the real positions alone, [n,D] in row-major order — the same numbers up to float rounding."""
         T = tgt_ids.shape[1]
         if T > self.cfg.max_len + 1:
             raise ValueError(f"response has {T - 1} tokens; this model writes at most {self.cfg.max_len}")
+        if tgt_mask is not None and capture_last:
+            raise ValueError("a packed decoder pass does not capture Ā")
+        packing = None if tgt_mask is None else Packing(tgt_mask)
         self_bias, cross_bias = self.self_bias(T), additive_mask(src_mask)
-        x = self.embed(tgt_ids)
+        x = self.embed(tgt_ids if packing is None else tgt_ids[tgt_mask])
         attn = []
         for i, layer in enumerate(self.decoder):
             need = self.captured(i, capture_last)
-            x, w = self.run_layer(layer, x, memory, self_bias, cross_bias, need_weights=need)
+            x, w = self.run_layer(layer, x, memory, self_bias, cross_bias, need_weights=need, packing=packing)
             if need:
                 attn.append(w.mean(dim=1))  # heads averaged: [B·N,T,S]
         return x, (torch.stack(attn).mean(dim=0) if attn else None)
 
-    def decode(self, memory, src_mask, tgt_ids, capture_last=0):
-        """decoder_states, then the output layer: logits [B·N,T,V] and Ā (or None)."""
-        x, attn = self.decoder_states(memory, src_mask, tgt_ids, capture_last)
+    def decode(self, memory, src_mask, tgt_ids, capture_last=0, tgt_mask=None):
+        """decoder_states, then the output layer: logits [B·N,T,V] (packed [n,V] with tgt_mask) and Ā
+        (or None)."""
+        x, attn = self.decoder_states(memory, src_mask, tgt_ids, capture_last, tgt_mask)
         return self.logits(x), attn
 
-    def forward(self, src_ids, tgt_ids, capture_last=0):
+    def forward(self, src_ids, tgt_ids, capture_last=0, tgt_mask=None):
         """src_ids [B,S], tgt_ids [B·N,T] = decoder_input(response) -> logits [B·N,T,V] (logits[:, t]
-        predicts the token after tgt_ids[:, t]) and Ā [B·N,T,S] of the last `capture_last` layers, or None."""
+        predicts the token after tgt_ids[:, t]; packed [n,V] for the positions of tgt_mask if given)
+        and Ā [B·N,T,S] of the last `capture_last` layers, or None."""
         memory, src_mask = self.encode(src_ids)
-        return self.decode(memory, src_mask, tgt_ids, capture_last)
+        return self.decode(memory, src_mask, tgt_ids, capture_last, tgt_mask)
 
     # ---- sampling -----------------------------------------------------------------------------
     @torch.no_grad()

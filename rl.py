@@ -18,7 +18,7 @@ from baselines import RewardModelConfig, reward_for_method
 from data.user import records
 from data.tokenizer import tokenizer_for
 from plots import plot_rl
-from ppo import ActorCritic, AdaptiveKL, PPOConfig, ValueHead, collect_rollout, explained_variance, ppo_update
+from ppo import ActorCritic, AdaptiveKL, PPOConfig, ValueHead, adam, collect_rollout, explained_variance, ppo_update
 from reward import RewardConfig
 from rundir import CLIError, Metrics, atomic_save, atomic_write, check_resume, load_checkpoint, load_model, \
     model_checkpoint
@@ -59,7 +59,7 @@ def train_rl(policy, reference, prompts, reward_fn, cfg: PPOConfig, last_layers:
     model = rt.prepare(ActorCritic(policy, value_head), cfg.baseline != "value", shard_layers=False)
     reference.to(rt.device)
     policy, value_head = rt.unwrap(model).policy, rt.unwrap(model).value_head
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = adam(model.parameters(), cfg)
     if ck:
         rt.load_optimizer_state(model, opt, ck["optimizer"])
         order.set_state(ck["order"]), torch.set_rng_state(ck["rng"])

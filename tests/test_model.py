@@ -165,3 +165,31 @@ def test_preset_parameter_counts_on_the_meta_device():
     assert counts["tiny"] < counts["small"] < counts["base"] < counts["large"] < counts["1.3b"]
     with pytest.raises(ValueError, match="unknown size"):
         build("huge")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_packed_decoder_pass_equals_the_padded_one_at_the_real_positions(seed):
+    """The PPO update's packed pass (model.Packing): the same logits and the same gradients as the
+    padded pass, up to float rounding — the padding it skips is never read by a real position."""
+    torch.manual_seed(seed)
+    model = Transformer(CFG).train()
+    g = torch.Generator().manual_seed(seed)
+    src = prompts([9, 5, 12], seed=seed)
+    lengths = torch.randint(1, 11, (6,), generator=g)  # 2 responses per prompt, 1…10 tokens, T = 10
+    mask = torch.arange(10) < lengths[:, None]
+    tokens = torch.randint(3, CFG.vocab_size, (6, 10), generator=g).masked_fill(~mask, CFG.pad_id)
+    dec_in = decoder_input(tokens, CFG.pad_id)
+    weights = torch.randn(6, 10, CFG.vocab_size, generator=g)  # a loss that reads every real logit
+
+    def loss_and_grads(logits_at_real):
+        loss = (logits_at_real * weights[mask]).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return logits_at_real.detach(), grads
+
+    dense_logits, dense_grads = loss_and_grads(model(src, dec_in)[0][mask])
+    packed_logits, packed_grads = loss_and_grads(model(src, dec_in, tgt_mask=mask)[0])
+    torch.testing.assert_close(packed_logits, dense_logits, atol=1e-5, rtol=1e-5)
+    for p, d in zip(packed_grads, dense_grads):
+        torch.testing.assert_close(p, d, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="packed"):
+        model(src, dec_in, capture_last=1, tgt_mask=mask)
