@@ -153,8 +153,9 @@ class Packing:
     attention needs the [R,T] layout. A teacher-forced PPO batch is mostly padding (responses of ~18
     tokens padded to the longest, 48), so the decoder keeps its states packed, [n,D] over the n real
     positions, and attention unpacks its queries, keys and values into [R,T] (zeros at the padding)
-    and packs its output back. Each row's real positions must be a prefix (a response, then pad):
-    then a real query's causal window t' ≤ t holds only real keys, and the padding is never read."""
+    and packs its output back. In the decoder each row's real positions must be a prefix (a
+    response, then pad): then a real query's causal window t' ≤ t holds only real keys, and the
+    padding is never read; in the encoder the padding mask keeps it unread."""
 
     def __init__(self, mask):  # mask [R,T] bool, True = real position
         self.shape = mask.shape
@@ -232,9 +233,9 @@ class EncoderLayer(nn.Module):
         self.ln1, self.attn = RMSNorm(cfg.d_model, cfg.eps), Attention(cfg)
         self.ln2, self.ff = RMSNorm(cfg.d_model, cfg.eps), FeedForward(cfg)
 
-    def forward(self, x, bias):  # x [B,S,D]; bias [B,H,S,S]: position bias + padding mask
+    def forward(self, x, bias, packing=None):  # x [B,S,D] (or packed); bias [B,H,S,S]: position bias + padding mask
         h = self.ln1(x)
-        x = x + self.attn(h, *self.attn.keys_values(h), bias=bias)[0]
+        x = x + self.attn(h, *self.attn.keys_values(h, packing), bias=bias, packing=packing)[0]
         return x + self.ff(self.ln2(x))
 
 
@@ -347,17 +348,21 @@ class Transformer(nn.Module):
         return layer(*args, **kwargs)
 
     # ---- encoder: once per prompt -------------------------------------------------------------
-    def encode(self, src_ids):
-        """src_ids [B,S] -> memory [B,S,D] and src_mask [B,1,1,S] (True = real prompt token)."""
+    def encode(self, src_ids, packed=False):
+        """src_ids [B,S] -> memory [B,S,D] and src_mask [B,1,1,S] (True = real prompt token). `packed`:
+        the per-token work runs on the real prompt tokens only (Packing; the padding mask keeps every
+        query off the padded keys), and memory is 0 at the padding."""
         S = src_ids.shape[1]
         if S > self.cfg.max_len:
             raise ValueError(f"prompt has {S} tokens; this model reads at most {self.cfg.max_len}")
         src_mask = (src_ids != self.cfg.pad_id)[:, None, None, :]
         bias = self.enc_pos(S, S) + additive_mask(src_mask)  # [B,H,S,S], once for all layers
-        x = self.embed(src_ids)
+        packing = Packing(src_mask[:, 0, 0]) if packed else None
+        x = self.embed(src_ids if packing is None else src_ids[src_mask[:, 0, 0]])
         for layer in self.encoder:
-            x = self.run_layer(layer, x, bias)
-        return self.enc_norm(x), src_mask
+            x = self.run_layer(layer, x, bias, packing=packing)
+        x = self.enc_norm(x)
+        return (x if packing is None else packing.unpack(x)), src_mask
 
     def logits(self, h):
         """Final decoder states [..,D] (before the output norm) -> logits [..,V]; pad is never emitted."""
@@ -406,9 +411,10 @@ class Transformer(nn.Module):
 
     def forward(self, src_ids, tgt_ids, capture_last=0, tgt_mask=None):
         """src_ids [B,S], tgt_ids [B·N,T] = decoder_input(response) -> logits [B·N,T,V] (logits[:, t]
-        predicts the token after tgt_ids[:, t]; packed [n,V] for the positions of tgt_mask if given)
-        and Ā [B·N,T,S] of the last `capture_last` layers, or None."""
-        memory, src_mask = self.encode(src_ids)
+        predicts the token after tgt_ids[:, t]; with tgt_mask the pass is packed, encoder and decoder,
+        and the logits are those of the real positions, [n,V]) and Ā [B·N,T,S] of the last
+        `capture_last` layers, or None."""
+        memory, src_mask = self.encode(src_ids, packed=tgt_mask is not None)
         return self.decode(memory, src_mask, tgt_ids, capture_last, tgt_mask)
 
     # ---- sampling -----------------------------------------------------------------------------
@@ -419,6 +425,8 @@ class Transformer(nn.Module):
 
         The encoder and each layer's cross-attention keys/values run once per prompt; the decoder's own
         keys/values go into a preallocated cache, so step t costs one token's work, not t tokens'.
+        Once a quarter of the prompts still sampled have all N responses ended, they are dropped from
+        the batch, so late steps cost only the long answers' work.
         `uniforms` [B·N, ≥T] in [0,1) fixes the random numbers of sampling (row r, step t uses
         uniforms[r, t]): a distributed run slices them from one global draw so that a sample does not
         depend on which rank drew it. Without them each step draws from torch's global generator.
@@ -435,29 +443,39 @@ class Transformer(nn.Module):
         logprobs = torch.zeros(BN, T_max, device=dev)
         mask = torch.zeros(BN, T_max, dtype=torch.bool, device=dev)
         attn = torch.zeros(BN, T_max, S, device=dev) if capture_last else None
-        done = torch.zeros(BN, dtype=torch.bool, device=dev)
+        rows = torch.arange(BN, device=dev)  # the rows still sampled: whole prompts, their N rows together
+        done = torch.zeros(BN, dtype=torch.bool, device=dev)  # per row of `rows`
         prev = torch.full((BN,), cfg.pad_id, dtype=torch.long, device=dev)  # the decoder start token
         for t in range(T_max):
-            x = self.embed(prev)[:, None]  # [B·N,1,D]
+            x = self.embed(prev)[:, None]  # [R,1,D]
             step_bias = self_bias[:, :, t : t + 1, : t + 1]
             step_attn = []
             for i, layer in enumerate(self.decoder):
                 need = self.captured(i, capture_last)
                 x, w = layer(x, cross_kv[i], step_bias, cross_bias, need_weights=need, cache=cache[i], t=t)
                 if need:
-                    step_attn.append(w[:, :, 0].mean(dim=1))  # [B·N,S]
-            u = uniforms[:, t : t + 1] if uniforms is not None else None
+                    step_attn.append(w[:, :, 0].mean(dim=1))  # [R,S]
+            if uniforms is not None:
+                u = uniforms[rows, t : t + 1]
+            else:  # one number per row of the whole batch, as without dropping: the same samples
+                u = None if greedy else torch.rand(BN, 1, device=dev)[rows]
             tok, logp = self.choose(self.logits(x[:, 0]).float(), temperature, top_k, top_p, greedy, u)
             live = ~done
-            tokens[:, t] = torch.where(live, tok, cfg.pad_id)
-            logprobs[:, t] = torch.where(live, logp, 0.0)
-            mask[:, t] = live
+            tokens[rows, t] = prev = torch.where(live, tok, cfg.pad_id)
+            logprobs[rows, t] = torch.where(live, logp, 0.0)
+            mask[rows, t] = live
             if attn is not None:
-                attn[:, t] = torch.stack(step_attn).mean(dim=0) * live[:, None]
+                attn[rows, t] = torch.stack(step_attn).mean(dim=0) * live[:, None]
             done = done | (tok == cfg.eos_id)
-            prev = tokens[:, t]
             if done.all():
                 break
+            finished = done.view(-1, N).all(dim=1)  # prompts whose N samples have all ended
+            if 4 * finished.sum() >= len(finished):  # a quarter of them: drop them from the next steps
+                keep = (~finished).nonzero()[:, 0]
+                keep_rows = (keep[:, None] * N + torch.arange(N, device=dev)).reshape(-1)
+                cross_kv = [(k[keep], v[keep]) for k, v in cross_kv]
+                cross_bias, cache = cross_bias[keep], cache[:, :, keep_rows]
+                rows, done, prev = rows[keep_rows], done[keep_rows], prev[keep_rows]
         T = int(mask.sum(dim=1).max())
         return Rollout(tokens[:, :T], logprobs[:, :T], mask[:, :T], attn[:, :T] if attn is not None else None,
                        memory, src_mask)

@@ -77,8 +77,8 @@ class ActorCritic(nn.Module):
 
     def forward(self, src, dec_in, mask, train_value=True):
         """src [B,S], dec_in [B·N,T], mask [B·N,T] -> logits [n,V] of the n real positions (a packed
-        decoder pass, model.Packing), V(x) [B]."""
-        memory, src_mask = self.policy.encode(src)
+        pass, model.Packing), V(x) [B]."""
+        memory, src_mask = self.policy.encode(src, packed=True)
         logits, _ = self.policy.decode(memory, src_mask, dec_in, tgt_mask=mask)
         with torch.set_grad_enabled(train_value and torch.is_grad_enabled()):  # V without gradient: DDP
             return logits, self.value_head(memory, src_mask)  # then sees the head as unused, as it is

@@ -93,6 +93,29 @@ def test_kv_cached_generation_equals_teacher_forcing(model, greedy):
     assert torch.all(r.cross_attn[~r.mask] == 0) and torch.all(r.logprobs[~r.mask] == 0)
 
 
+def test_prompts_whose_samples_all_ended_leave_the_batch_without_changing_a_sample():
+    """generate drops a prompt once its N samples have ended: the others' samples, log-probs and Ā
+    stay those of teacher forcing, and every prompt gets the samples it gets alone, given the same
+    random numbers."""
+    torch.manual_seed(0)
+    m = Transformer(CFG).eval()
+    logits = m.logits
+    m.logits = lambda h: logits(h) + 4.0 * (torch.arange(CFG.vocab_size) == CFG.eos_id)  # EOS likely: early ends
+    src, N, T = prompts([7, 4, 2, 6, 5, 3, 8, 1], S=9), 3, 12
+    u = torch.rand(len(src) * N, T, generator=torch.Generator().manual_seed(1))
+    r = m.generate(src, num_samples=N, max_new_tokens=T, capture_last=2, uniforms=u)
+    prompt_ends = r.mask.sum(1).view(-1, N).max(1).values
+    assert (prompt_ends < r.tokens.shape[1] - 1).sum() >= 2  # a quarter of the prompts left before the end
+    logp, attn = teacher_forced(m, src, r, capture_last=2)
+    torch.testing.assert_close(logp[r.mask], r.logprobs[r.mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn[r.mask], r.cross_attn[r.mask], atol=1e-5, rtol=0)
+    for b in range(len(src)):
+        alone = m.generate(src[b : b + 1], num_samples=N, max_new_tokens=T, capture_last=2, uniforms=u[b * N : b * N + N])
+        mine = r.tokens[b * N : b * N + N]
+        assert torch.equal(mine[:, : alone.tokens.shape[1]], alone.tokens)
+        assert torch.all(mine[:, alone.tokens.shape[1] :] == CFG.pad_id)
+
+
 def test_rollout_layout_eos_and_padding(model):
     """Rows b·N…b·N+N−1 are prompt b's samples; a sample ends at its first EOS, pad after it."""
     cfg = replace(CFG, eos_id=5)
