@@ -222,28 +222,49 @@ def bench_reward_share(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, p
 
 # ─── 4. one RL iteration, part by part ────────────────────────────────────────────────────────────
 
-def bench_rl_iteration(cfg: ModelConfig, prompts=64, samples=4, new_tokens=32, prompt_len=24, repeats=3) -> dict:
-    """Seconds of one CAGSR iteration (ppo.collect_rollout + ppo.update with the tiny preset's PPO
-    settings) split into sampling, reward, reference log-probs and the PPO update; median per part."""
+class EndsEarly(Transformer):
+    """A random model whose EOS logit is raised by `eos_logit`: with the tiny preset's ~N(0, 1) logits
+    over 1,536 tokens, +5 ends a response with probability ≈ 1/17 per step — lengths like those of the
+    hard regime's SFT policy (mean ≈ 17 tokens, a few of every batch reaching the limit), so the
+    rollout has the padding a real one has."""
+
+    def __init__(self, cfg: ModelConfig, eos_logit: float):
+        super().__init__(cfg)
+        self.register_buffer("eos_bias", eos_logit * (torch.arange(cfg.vocab_size) == cfg.eos_id), persistent=False)
+
+    def logits(self, h):
+        return super().logits(h) + self.eos_bias
+
+
+def bench_rl_iteration(cfg: ModelConfig, prompts=64, prompt_len=24, eos_logit=5.0, repeats=3, size="tiny") -> dict:
+    """Seconds of one CAGSR iteration (ppo.collect_rollout + ppo.ppo_update) with the `size` preset's
+    PPO settings (rl.RL_PRESETS, else PPOConfig(); tiny: 4 samples of at most 48 tokens, group
+    baseline) on `prompts` prompts,
+    split into sampling, reward, reference log-probs and the PPO update; median per part. The policy
+    is EndsEarly; "length" is the mean response length, "padded" the longest."""
     from ppo import ActorCritic, PPOConfig, ValueHead, adam, collect_rollout, ppo_update
     from reward import AttentionReward
+    from rl import RL_PRESETS
 
     pieces = ["<pad>", "</s>", "<unk>"] + [f"\u2581w{chr(97 + i % 26)}{i // 26}" for i in range(cfg.vocab_size - 3)]
     reward_fn = AttentionReward({}, pieces)
-    policy = ours_without_eos(cfg)
+    torch.manual_seed(0)
+    policy = EndsEarly(cfg, eos_logit)
     reference = copy.deepcopy(policy).requires_grad_(False)
     head = ValueHead(cfg.d_model)
-    ppo_cfg = PPOConfig(batch_prompts=prompts, samples=samples, max_new_tokens=new_tokens)
+    ppo_cfg = replace(RL_PRESETS.get(size, PPOConfig()), batch_prompts=prompts)
     opt = adam([*policy.parameters(), *head.parameters()], ppo_cfg)
     src, gen = random_ids(prompts, prompt_len, cfg, seed=6), torch.Generator().manual_seed(0)
     parts = []
     for _ in range(repeats + 1):  # the first is the warm-up
-        batch, _, _, times = collect_rollout(policy, head, reference, src, reward_fn, ppo_cfg, 0.05, 1)
+        batch, _, _, times = collect_rollout(policy, head, reference, src, reward_fn, ppo_cfg, ppo_cfg.kl_coef, 1)
         start = time.perf_counter()
         ppo_update(ActorCritic(policy, head), opt, batch, ppo_cfg, gen)
-        parts.append({**times, "t_update": time.perf_counter() - start})
+        parts.append({**times, "t_update": time.perf_counter() - start,
+                      "length": batch.mask.sum(1).float().mean().item(), "padded": batch.tokens.shape[1]})
     result = {k: statistics.median(p[k] for p in parts[1:]) for k in parts[0]}
-    result["total_s"] = sum(result.values())
+    result["total_s"] = sum(result[k] for k in ("t_sample", "t_reward", "t_reference", "t_update"))
+    result["prompts"], result["samples"] = prompts, ppo_cfg.samples
     return result
 
 
@@ -498,7 +519,9 @@ def table(results: dict) -> str:
         lines.append(row("SFT step (tok/s)", f"{s['ours_tok_s']:.0f}", f"{hf:.0f}" if hf else "–",
                          f"{s['ratio']:.2f}×" if hf else "–", f"≥ {lo:g}×", yes(s["ratio"] >= lo) if hf else "–"))
     if s := results.get("rl"):
-        lines.append(row(f"one RL iteration ({s['total_s']:.2f} s): sample / reward / reference / update",
+        lines.append(row(f"one RL iteration ({s['prompts']} prompts × {s['samples']} samples, mean length "
+                         f"{s['length']:.1f} of {s['padded']:.0f}; {s['total_s']:.2f} s): "
+                         "sample / reward / reference / update",
                          " / ".join(f"{s[k]:.2f} s" for k in ("t_sample", "t_reward", "t_reference", "t_update")),
                          "", "", "", ""))
     if s := results.get("train"):
@@ -570,7 +593,7 @@ def main(argv=None):
     if "reward" in only:
         results["reward"] = bench_reward_share(cfg, repeats=args.repeats)
     if "rl" in only:
-        results["rl"] = bench_rl_iteration(cfg, repeats=args.repeats)
+        results["rl"] = bench_rl_iteration(cfg, repeats=args.repeats, size=args.size)
     if "train" in only:
         results["train"] = bench_train(args.size, device, args.dtype, args.repeats, batch_size=args.batch_size,
                                        prompts=args.prompts, compile=args.compile,

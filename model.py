@@ -133,10 +133,15 @@ def attend(q, k, v, bias=None, need_weights=False):
 
     q [B,H,Tq,d], k and v [B,H,Tk,d], bias broadcastable to [B,H,Tq,Tk]: position bias plus −inf on the
     keys a query may not see. With `need_weights` the softmax is written out and its weights
-    [B,H,Tq,Tk] returned; otherwise the fused kernel runs. A −inf key gets exp(−inf) = 0, i.e. exactly
-    zero weight, on both paths.
+    [B,H,Tq,Tk] returned; otherwise the fused kernel runs — in fp32 on the CPU, where its bf16
+    backward pass is several times slower than its fp32 one (bench.py, bf16). A −inf key gets
+    exp(−inf) = 0, i.e. exactly zero weight, on both paths.
     """
     if not need_weights:
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            with torch.autocast("cpu", enabled=False):
+                out, _ = attend(q.float(), k.float(), v.float(), None if bias is None else bias.float())
+            return out.to(q.dtype), None
         mask = None if bias is None else bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0), None
     scores = q @ k.transpose(-1, -2)  # [B,H,Tq,Tk]
@@ -233,7 +238,7 @@ class EncoderLayer(nn.Module):
         self.ln1, self.attn = RMSNorm(cfg.d_model, cfg.eps), Attention(cfg)
         self.ln2, self.ff = RMSNorm(cfg.d_model, cfg.eps), FeedForward(cfg)
 
-    def forward(self, x, bias, packing=None):  # x [B,S,D] (or packed); bias [B,H,S,S]: position bias + padding mask
+    def forward(self, x, bias, packing=None):  # x [B,S,D] or packed; bias [B,H,S,S]: position + padding
         h = self.ln1(x)
         x = x + self.attn(h, *self.attn.keys_values(h, packing), bias=bias, packing=packing)[0]
         return x + self.ff(self.ln2(x))
@@ -247,18 +252,24 @@ class DecoderLayer(nn.Module):
         self.ln3, self.ff = RMSNorm(cfg.d_model, cfg.eps), FeedForward(cfg)
 
     def forward(self, x, cross_kv, self_bias, cross_bias, need_weights=False, cache=None, t=0, packing=None):
-        """Pre-norm block on x [B·N,T,D] (or packed [n,D] with `packing`). cross_kv: the prompt's keys/values [B,H,S,d], once per
-        prompt — or the encoder memory [B,S,D], projected here (inside forward, where FSDP has gathered
-        this layer's weights). self_bias: position bias plus causal mask for x's queries; cross_bias
-        [B,1,1,S]: the prompt's padding. Teacher forcing (cache None) attends over x itself; sampling
-        writes step t's keys/values into `cache` [2,B·N,H,T_max,d] and attends over steps 0…t.
+        """Pre-norm block on x [B·N,T,D] (or packed [n,D] with `packing`). cross_kv: the prompt's
+        keys/values [B,H,S,d], once per prompt — or the encoder memory [B,S,D], projected here (inside
+        forward, where FSDP has gathered this layer's weights). self_bias: position bias plus causal
+        mask for x's queries; cross_bias [B,1,1,S]: the prompt's padding. Teacher forcing (cache None)
+        attends over x itself; sampling writes step t's keys/values into `cache` [2,B·N,H,T_max,d] and
+        attends over steps 0…t (t an int), or over all T_max steps, the later ones masked by self_bias
+        (t a 1-element LongTensor: the same shapes at every step).
         Returns the new x and the cross-attention weights [B·N,H,T,S] (or None; not 0 at packed-out
         padding)."""
         if isinstance(cross_kv, torch.Tensor):
             cross_kv = self.cross_attn.keys_values(cross_kv)
         h = self.ln1(x)
         k, v = self.self_attn.keys_values(h, packing)
-        if cache is not None:
+        if cache is not None and torch.is_tensor(t):  # static shapes: write row t, read all T_max rows
+            cache[0].index_copy_(2, t, k)
+            cache[1].index_copy_(2, t, v)
+            k, v = cache[0], cache[1]
+        elif cache is not None:
             cache[0, :, :, t : t + 1], cache[1, :, :, t : t + 1] = k, v
             k, v = cache[0, :, :, : t + 1], cache[1, :, :, : t + 1]
         x = x + self.self_attn(h, k, v, bias=self_bias, packing=packing)[0]
@@ -302,6 +313,7 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tied else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("banned", banned_tokens(cfg), persistent=False)
         self.grad_checkpoint = False  # recompute layer activations in backward (runtime.Runtime sets it)
+        self.sampling_step = None  # a compiled decode_step (compile_sampling): generate then uses static shapes
         self.apply(self._init)
 
     def _init(self, m):
@@ -335,10 +347,17 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def compile_teacher_forcing(self):
-        """torch.compile the passes training runs (encoder, teacher-forced decoder). Sampling stays
-        eager: its one-token steps change shape at every step and would recompile each time."""
+        """torch.compile the passes training runs (encoder, teacher-forced decoder). Sampling's
+        one-token steps change shape at every step and would recompile each time: see compile_sampling."""
         self.encode = torch.compile(self.encode)
         self.decoder_states = torch.compile(self.decoder_states)
+
+    def compile_sampling(self):
+        """Sampling with static shapes, its step compiled with CUDA graphs (torch.compile,
+        mode="reduce-overhead"): a GPU replays one graph per token instead of launching every
+        operation from Python. Not for the CPU, where the compiled step of the tiny preset ran 3.5×
+        slower than eager (and took a minute to compile)."""
+        self.sampling_step = torch.compile(self.decode_step, mode="reduce-overhead", dynamic=False)
 
     def run_layer(self, layer, *args, **kwargs):
         """layer(*args): with gradient checkpointing while training, its activations are not kept for
@@ -420,13 +439,14 @@ class Transformer(nn.Module):
     # ---- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, src_ids, num_samples=1, max_new_tokens=None, temperature=1.0, top_k=0, top_p=1.0,
-                 greedy=False, capture_last=1, uniforms=None) -> Rollout:
+                 greedy=False, capture_last=1, uniforms=None, static=False) -> Rollout:
         """Sample `num_samples` responses per prompt (§5: "the model produces N diverse responses").
 
         The encoder and each layer's cross-attention keys/values run once per prompt; the decoder's own
         keys/values go into a preallocated cache, so step t costs one token's work, not t tokens'.
         Once a quarter of the prompts still sampled have all N responses ended, they are dropped from
-        the batch, so late steps cost only the long answers' work.
+        the batch, so late steps cost only the long answers' work — unless `static` (or a compiled
+        sampling_step): then every step has the same shapes (decode_step), as CUDA graphs need.
         `uniforms` [B·N, ≥T] in [0,1) fixes the random numbers of sampling (row r, step t uses
         uniforms[r, t]): a distributed run slices them from one global draw so that a sample does not
         depend on which rank drew it. Without them each step draws from torch's global generator.
@@ -446,31 +466,27 @@ class Transformer(nn.Module):
         rows = torch.arange(BN, device=dev)  # the rows still sampled: whole prompts, their N rows together
         done = torch.zeros(BN, dtype=torch.bool, device=dev)  # per row of `rows`
         prev = torch.full((BN,), cfg.pad_id, dtype=torch.long, device=dev)  # the decoder start token
+        static = static or self.sampling_step is not None
+        step = self.sampling_step or self.decode_step
         for t in range(T_max):
-            x = self.embed(prev)[:, None]  # [R,1,D]
-            step_bias = self_bias[:, :, t : t + 1, : t + 1]
-            step_attn = []
-            for i, layer in enumerate(self.decoder):
-                need = self.captured(i, capture_last)
-                x, w = layer(x, cross_kv[i], step_bias, cross_bias, need_weights=need, cache=cache[i], t=t)
-                if need:
-                    step_attn.append(w[:, :, 0].mean(dim=1))  # [R,S]
+            logits, step_attn = step(prev, torch.tensor([t], device=dev) if static else t, cross_kv, self_bias,
+                                     cross_bias, cache, capture_last)
             if uniforms is not None:
                 u = uniforms[rows, t : t + 1]
             else:  # one number per row of the whole batch, as without dropping: the same samples
                 u = None if greedy else torch.rand(BN, 1, device=dev)[rows]
-            tok, logp = self.choose(self.logits(x[:, 0]).float(), temperature, top_k, top_p, greedy, u)
+            tok, logp = self.choose(logits, temperature, top_k, top_p, greedy, u)
             live = ~done
             tokens[rows, t] = prev = torch.where(live, tok, cfg.pad_id)
             logprobs[rows, t] = torch.where(live, logp, 0.0)
             mask[rows, t] = live
             if attn is not None:
-                attn[rows, t] = torch.stack(step_attn).mean(dim=0) * live[:, None]
+                attn[rows, t] = step_attn * live[:, None]
             done = done | (tok == cfg.eos_id)
             if done.all():
                 break
             finished = done.view(-1, N).all(dim=1)  # prompts whose N samples have all ended
-            if 4 * finished.sum() >= len(finished):  # a quarter of them: drop them from the next steps
+            if not static and 4 * finished.sum() >= len(finished):  # a quarter of them: drop them
                 keep = (~finished).nonzero()[:, 0]
                 keep_rows = (keep[:, None] * N + torch.arange(N, device=dev)).reshape(-1)
                 cross_kv = [(k[keep], v[keep]) for k, v in cross_kv]
@@ -479,6 +495,21 @@ class Transformer(nn.Module):
         T = int(mask.sum(dim=1).max())
         return Rollout(tokens[:, :T], logprobs[:, :T], mask[:, :T], attn[:, :T] if attn is not None else None,
                        memory, src_mask)
+
+    def decode_step(self, prev, t, cross_kv, self_bias, cross_bias, cache, capture_last):
+        """One sampling step of the decoder: the previous tokens prev [R] -> logits [R,V] in fp32 and
+        the step's Ā [R,S] of the last `capture_last` layers (or None). t: the step, an int (attend over
+        the cache's first t+1 positions) or a 1-element LongTensor (static shapes: all T_max positions,
+        row t of self_bias masking the later ones)."""
+        x = self.embed(prev)[:, None]  # [R,1,D]
+        step_bias = self_bias.index_select(2, t) if torch.is_tensor(t) else self_bias[:, :, t : t + 1, : t + 1]
+        step_attn = []
+        for i, layer in enumerate(self.decoder):
+            need = self.captured(i, capture_last)
+            x, w = layer(x, cross_kv[i], step_bias, cross_bias, need_weights=need, cache=cache[i], t=t)
+            if need:
+                step_attn.append(w[:, :, 0].mean(dim=1))  # [R,S]
+        return self.logits(x[:, 0]).float(), (torch.stack(step_attn).mean(dim=0) if step_attn else None)
 
     @staticmethod
     def choose(logits, temperature, top_k, top_p, greedy, u=None):

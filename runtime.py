@@ -37,7 +37,7 @@ class LaunchError(Exception):
 class Runtime:
     device: torch.device
     dtype: str = "fp32"  # "bf16": matmuls under autocast in bfloat16, master weights and optimizer in fp32
-    compile: bool = False  # torch.compile the teacher-forced passes (training); sampling stays eager
+    compile: bool = False  # torch.compile the teacher-forced passes; on a GPU also the sampling step (CUDA graphs)
     grad_checkpoint: bool = False  # recompute each layer's activations in the backward pass
     distributed: str | None = None  # "ddp" or "fsdp" under torchrun
     rank: int = 0
@@ -64,6 +64,8 @@ class Runtime:
                 m.grad_checkpoint = self.grad_checkpoint
             if self.compile and hasattr(m, "compile_teacher_forcing"):
                 m.compile_teacher_forcing()
+                if self.device.type == "cuda":
+                    m.compile_sampling()
         if self.distributed == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)

@@ -22,9 +22,10 @@ def test_sampling_and_reward_benchmarks_report_positive_throughput():
 
 
 def test_rl_iteration_benchmark_splits_the_time_into_its_parts():
-    rl = bench_rl_iteration(CFG, prompts=2, samples=2, new_tokens=4, prompt_len=5, repeats=1)
+    rl = bench_rl_iteration(CFG, prompts=2, prompt_len=5, repeats=1)
     parts = ("t_sample", "t_reward", "t_reference", "t_update")
     assert all(rl[k] > 0 for k in parts) and abs(rl["total_s"] - sum(rl[k] for k in parts)) < 1e-9
+    assert 1 <= rl["length"] <= rl["padded"] <= CFG.max_len
     assert "one RL iteration" in table({"rl": rl})
 
 

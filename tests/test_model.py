@@ -1,5 +1,6 @@
 """model.py as a specification: attention is a distribution that never touches padding, the decoder
 is causal, KV-cached sampling is exactly teacher forcing, and the presets have the sizes we claim."""
+import copy
 from dataclasses import replace
 
 import pytest
@@ -110,10 +111,38 @@ def test_prompts_whose_samples_all_ended_leave_the_batch_without_changing_a_samp
     torch.testing.assert_close(logp[r.mask], r.logprobs[r.mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(attn[r.mask], r.cross_attn[r.mask], atol=1e-5, rtol=0)
     for b in range(len(src)):
-        alone = m.generate(src[b : b + 1], num_samples=N, max_new_tokens=T, capture_last=2, uniforms=u[b * N : b * N + N])
+        alone = m.generate(src[b : b + 1], num_samples=N, max_new_tokens=T, capture_last=2,
+                           uniforms=u[b * N : b * N + N])
         mine = r.tokens[b * N : b * N + N]
         assert torch.equal(mine[:, : alone.tokens.shape[1]], alone.tokens)
         assert torch.all(mine[:, alone.tokens.shape[1] :] == CFG.pad_id)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_static_shape_sampling_equals_eager_sampling(model, greedy):
+    """generate(static=True) — every step the same shapes, for CUDA graphs — gives the samples, log-probs
+    and Ā of the default path: the cache positions it also reads get exactly zero weight."""
+    src, N, T = prompts([7, 4, 2], S=9), 4, 12
+    u = torch.rand(len(src) * N, T, generator=torch.Generator().manual_seed(2))
+    a = model.generate(src, num_samples=N, max_new_tokens=T, greedy=greedy, capture_last=2, uniforms=u)
+    b = model.generate(src, num_samples=N, max_new_tokens=T, greedy=greedy, capture_last=2, uniforms=u, static=True)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.cross_attn, a.cross_attn, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # compiling takes a minute on a CPU
+def test_the_compiled_sampling_step_equals_the_eager_one(model):
+    """compile_sampling (CUDA graphs on a GPU; on the CPU the same compiled graph without them)."""
+    compiled = copy.deepcopy(model)
+    compiled.compile_sampling()
+    src, N, T = prompts([7, 4, 2], S=9), 2, 6
+    u = torch.rand(len(src) * N, T, generator=torch.Generator().manual_seed(3))
+    a = model.generate(src, num_samples=N, max_new_tokens=T, capture_last=2, uniforms=u, static=True)
+    b = compiled.generate(src, num_samples=N, max_new_tokens=T, capture_last=2, uniforms=u)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.cross_attn, a.cross_attn, atol=1e-5, rtol=0)
 
 
 def test_rollout_layout_eos_and_padding(model):
