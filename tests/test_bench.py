@@ -35,7 +35,7 @@ def test_train_benchmark_reports_tokens_per_second_and_an_mfu_below_one():
     for part in ("sft", "rl"):
         assert train[part]["tok_s"] > 0 and 0 < train[part]["mfu"] < 1, (part, train[part])
     assert train["sft"]["tokens"] == 4 * (32 + 32) and train["rl"]["new_tokens"] == 48  # EOS banned
-    report = table({"train": train})
+    report = table({"train": [train]})
     assert "SFT step, cpu fp32" in report and "one RL iteration, cpu fp32" in report and "matmul peak" in report
 
 
