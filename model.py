@@ -355,8 +355,8 @@ class Transformer(nn.Module):
     def compile_sampling(self):
         """Sampling with static shapes, its step compiled with CUDA graphs (torch.compile,
         mode="reduce-overhead"): a GPU replays one graph per token instead of launching every
-        operation from Python. Not for the CPU, where the compiled step of the tiny preset ran 3.5×
-        slower than eager (and took a minute to compile)."""
+        operation from Python. Not for the CPU, where the compiled step of the tiny preset ran several
+        times slower than eager in a trial (and took a minute to compile)."""
         self.sampling_step = torch.compile(self.decode_step, mode="reduce-overhead", dynamic=False)
 
     def run_layer(self, layer, *args, **kwargs):
