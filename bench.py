@@ -9,10 +9,10 @@ prints a Markdown table and writes runs/bench/bench.json. Each timing is one war
 median of `--repeats` calls; a ratio of two timings (ours/HF, bf16/fp32) is the median over rounds
 that time the two in turn. The baseline is `T5ForConditionalGeneration` holding our randomly
 initialised model's own weights (exported, so the same architecture and FLOPs; no weights are
-downloaded); it needs the extra of requirements-bench.txt. The comparisons with it (sampling, sft, reward, rl) run on the
-CPU in float32; --device, --dtype, --compile and --grad-checkpoint apply to `train` alone, which needs
-neither the baseline nor a tokenizer or data files (random ids of the preset's shapes), so that it runs
-for every preset. Never run by the tests, except a smoke test of small sizes.
+downloaded); it needs the extra of requirements-bench.txt. The comparisons with it (sampling, sft,
+reward, rl) run on the CPU in float32 (sampling also in bf16); --device, --dtype, --compile and
+--grad-checkpoint apply to `train` alone, which needs neither the baseline nor a tokenizer or data
+files (random ids of the preset's shapes), so that it runs for every preset. Never run by the tests, except a smoke test of small sizes.
 """
 import argparse
 import copy
@@ -260,9 +260,9 @@ class EndsEarly(Transformer):
 def bench_rl_iteration(cfg: ModelConfig, prompts=64, prompt_len=24, eos_logit=5.0, repeats=3, size="tiny") -> dict:
     """Seconds of one CAGSR iteration (ppo.collect_rollout + ppo.ppo_update) with the `size` preset's
     PPO settings (rl.RL_PRESETS, else PPOConfig(); tiny: 4 samples of at most 48 tokens, group
-    baseline) on `prompts` prompts,
-    split into sampling, reward, reference log-probs and the PPO update; median per part. The policy
-    is EndsEarly; "length" is the mean response length, "padded" the longest."""
+    baseline) on `prompts` prompts, split into sampling, reward, reference log-probs and the PPO
+    update; median per part. The policy is EndsEarly; "length" is the mean response length, "padded"
+    the longest."""
     from ppo import ActorCritic, PPOConfig, ValueHead, adam, collect_rollout, ppo_update
     from reward import AttentionReward
     from rl import RL_PRESETS
