@@ -468,9 +468,10 @@ class Transformer(nn.Module):
         prev = torch.full((BN,), cfg.pad_id, dtype=torch.long, device=dev)  # the decoder start token
         static = static or self.sampling_step is not None
         step = self.sampling_step or self.decode_step
+        steps = torch.arange(T_max, device=dev)  # static shapes: step t is the 1-element tensor steps[t:t+1]
         for t in range(T_max):
-            logits, step_attn = step(prev, torch.tensor([t], device=dev) if static else t, cross_kv, self_bias,
-                                     cross_bias, cache, capture_last)
+            logits, step_attn = step(prev, steps[t : t + 1] if static else t, cross_kv, self_bias, cross_bias,
+                                     cache, capture_last)
             if uniforms is not None:
                 u = uniforms[rows, t : t + 1]
             else:  # one number per row of the whole batch, as without dropping: the same samples
