@@ -1,13 +1,16 @@
 """Shared fixtures: a real run directory made through the command line, the seed of the learning-effect
 tests, and CLI helpers."""
+import io
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
+import traceback
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
+import cagsr
 import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,9 +21,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("CAGSR_TEST_SEED", "0"))
 
 
-def run_cli(*args, timeout=1800):  # a guard against hangs; loaded 2-core machines are slow
-    return subprocess.run([sys.executable, str(ROOT / "cagsr.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+def run_cli(*args, process=False):
+    """`python cagsr.py *args` from the repository root, as a finished process: returncode, stdout, stderr.
+    By default it runs in this process (cagsr.main, with sys.exit and any traceback caught as a process
+    would report them), which saves each call the seconds of a fresh `import torch`; `process=True`
+    starts a real one, for the tests that must see what a shell sees."""
+    if process:
+        return subprocess.run([sys.executable, str(ROOT / "cagsr.py"), *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=1800)  # a guard against hangs, not a timing assertion
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    returncode = 0
+    try:
+        os.chdir(ROOT)
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                cagsr.main(list(args))
+            except SystemExit as e:
+                returncode = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # what the interpreter would print before exiting with status 1
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["cagsr.py", *args], returncode, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *words):

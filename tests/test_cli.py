@@ -80,7 +80,10 @@ def test_sample_prints_an_answer_and_draws_a_heat_map(run_dir):
 
 
 def test_unknown_size_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("sft", "--size", "huge", "--out", str(tmp_path)), "huge")
+    """In a real process, as a shell sees it: one line on stderr and exit status 2."""
+    proc = run_cli("sft", "--size", "huge", "--out", str(tmp_path), process=True)
+    assert_one_line_error(proc, "huge")
+    assert proc.returncode == 2
 
 
 def test_missing_data_is_one_line(tmp_path):

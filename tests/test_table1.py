@@ -20,8 +20,7 @@ METHODS = "no-rl,cagsr,cagsr-no-focus,human-pref,hybrid"
 @pytest.fixture(scope="module")
 def table_run(run_dir):
     judge, accuracy = RelevanceJudge.train(run_dir / "judge.pt", n_train=60, n_val=20)
-    # a guard against a hang, not a timing assertion: on a loaded 2-core machine this run exceeded 600 s
-    proc = run_cli("table1", "--out", str(run_dir), "--methods", METHODS, *MINI, timeout=2400)
+    proc = run_cli("table1", "--out", str(run_dir), "--methods", METHODS, *MINI)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run_dir, proc
 
