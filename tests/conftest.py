@@ -36,8 +36,10 @@ def run_cli(*args, process=False):
         with redirect_stdout(out), redirect_stderr(err):
             try:
                 cagsr.main(list(args))
-            except SystemExit as e:
-                returncode = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except SystemExit as e:  # as the interpreter reports it: None is 0, a message goes to stderr with 1
+                returncode = e.code if isinstance(e.code, int) else int(e.code is not None)
+                if returncode and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
             except Exception:  # what the interpreter would print before exiting with status 1
                 traceback.print_exc()
                 returncode = 1
