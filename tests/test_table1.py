@@ -13,7 +13,7 @@ from relevance import RelevanceJudge
 from table1 import aggregate, bootstrap_ci, verdict
 
 MINI = ["--data", "data", "--diagnose-prompts", "4", "--iterations", "1", "--batch-prompts", "4", "--samples", "2", "--eval-prompts", "4", "--rm-steps", "2",
-        "--synthetic-prompts", "20", "--human-prompts", "150", "--held-out-prompts", "50", "--seeds", "2"]
+        "--synthetic-prompts", "20", "--held-out-prompts", "50", "--seeds", "2"]
 METHODS = "no-rl,cagsr,cagsr-no-focus,human-pref,hybrid"
 
 
