@@ -6,9 +6,10 @@
 The committed tutorial/sweep.json was made on a 2-core Intel Xeon with `--seeds 0 --jobs 1 --threads 2`
 (seed 0 as run.py runs the chapters, so it is the run the chapters print) and `--seeds 1-4` (1 thread
 each), then both again with `--reuse` once the chapters' asserts had been rewritten. It was last
-rerun on 2026-12-03, on the packed PPO passes, from scratch for seeds 1–4; seed 0's entry is the
-`--reuse` pass over the runs/tutorial that `python tutorial/run.py` had just made from a clean slate
-(the same runs bit for bit: same machine, code, seed and 2 threads).
+rerun on 2026-12-03, when chapter 1's SFT model went from 600 to 300 steps, from scratch for seeds
+1–4 (21 minutes); seed 0's entry is the `--reuse` pass over the runs/tutorial that
+`python tutorial/run.py` had just made from a clean slate (the same runs bit for bit: same machine,
+code, seed and 2 threads).
 
 Each seed runs every chapter in order in its own folder, runs/sweep/seed<k>/, with TUTORIAL_SEED=k:
 chapter 1 then trains its SFT model with --seed k, and every later chapter (their RL runs included)
