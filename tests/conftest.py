@@ -37,9 +37,11 @@ def run_cli(*args, process=False):
             try:
                 cagsr.main(list(args))
             except SystemExit as e:  # as the interpreter reports it: None is 0, a message goes to stderr with 1
-                returncode = e.code if isinstance(e.code, int) else int(e.code is not None)
-                if returncode and not isinstance(e.code, int):
+                if isinstance(e.code, int) or e.code is None:
+                    returncode = e.code or 0
+                else:
                     print(e.code, file=sys.stderr)
+                    returncode = 1
             except Exception:  # what the interpreter would print before exiting with status 1
                 traceback.print_exc()
                 returncode = 1
