@@ -59,6 +59,20 @@ def test_explicit_attention_equals_sdpa():
     assert torch.all(w.triu(1) == 0)
 
 
+def test_bf16_attention_on_the_cpu_is_the_fp32_softmax_within_bf16_rounding():
+    """In bf16 on the CPU attend writes the softmax out (faster there than the fused kernel):
+    the same attention as fp32 to bf16's precision, and masked keys still get exactly zero weight."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    bias = torch.randn(1, 3, 5, 7) + additive_mask(torch.tensor([[True] * 7, [True] * 4 + [False] * 3])[:, None, None, :])
+    fp32, _ = attend(q, k, v, bias)
+    out, none = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
+    assert none is None and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), fp32, atol=0.05, rtol=0.05)
+    _, w = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias, need_weights=True)
+    assert w.dtype == torch.float32 and torch.all(w[1, :, :, 4:] == 0)
+
+
 def test_cross_attention_rows_sum_to_one_and_padding_gets_exactly_zero(model):
     src = prompts([6, 3, 1], S=8)
     tgt = with_start(torch.randint(3, CFG.vocab_size, (3, 5)))
