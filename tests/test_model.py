@@ -64,7 +64,8 @@ def test_bf16_attention_on_the_cpu_is_the_fp32_softmax_within_bf16_rounding():
     the same attention as fp32 to bf16's precision, and masked keys still get exactly zero weight."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
-    bias = torch.randn(1, 3, 5, 7) + additive_mask(torch.tensor([[True] * 7, [True] * 4 + [False] * 3])[:, None, None, :])
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])[:, None, None, :]
+    bias = torch.randn(1, 3, 5, 7) + additive_mask(mask)
     fp32, _ = attend(q, k, v, bias)
     out, none = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
     assert none is None and out.dtype == torch.bfloat16
