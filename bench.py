@@ -1,7 +1,7 @@
 """Benchmarks of CAGSR on the machine at hand: speed and memory, ours against Hugging Face T5, and the
 training throughput and model-FLOP utilisation (MFU) of SFT and of one RL iteration.
 
-    python bench.py [--size tiny] [--only sampling,sft,reward,rl,train] [--repeats 5]
+    python bench.py [--size tiny] [--only sampling,sft,reward,rl,attention,train] [--repeats 5]
     python bench.py --only train --size small                           # tokens/s and MFU on the CPU
     python bench.py --only train --size 1.3b --device cuda --dtype bf16  # … and on a GPU
 
@@ -510,6 +510,43 @@ def bench_train(size: str, device="cpu", dtype="fp32", repeats=3, cfg: ModelConf
     return result
 
 
+# ─── 8. the attention kernel: fused against the explicit softmax ─────────────────────────────────
+
+def bench_attention(cfg: ModelConfig, repeats=5) -> list[dict]:
+    """Why model.attend writes the softmax out in bf16 on the CPU: PyTorch's fused kernel against the
+    explicit softmax (attend with the weights) at the preset's shapes, timed in turns — a sampling
+    step (64 prompts × 4 samples, one query, 16 cached keys; forward) and an SFT decoder layer (64
+    pairs, 32 queries over 32 keys; forward + backward). In bf16 the fused kernel is run both in bf16
+    and as attend ran it before 41db03d, on q, k, v cast to fp32."""
+    import torch.nn.functional as F
+    from model import attend
+    H, d, out = cfg.n_heads, cfg.d_kv, []
+    for case, B, Tq, Tk, backward in (("sampling step", 256, 1, 16, False), ("SFT layer", 64, 32, 32, True)):
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(B, H, T, d, generator=g).to(dtype).requires_grad_(backward)
+                       for T in (Tq, Tk, Tk))
+            bias = torch.randn(1, H, Tq, Tk, generator=g)
+
+            def timed(fn):
+                def run():
+                    o = fn()
+                    if backward:
+                        o.float().sum().backward()
+                return run
+            explicit = timed(lambda: attend(q, k, v, bias, need_weights=True)[0])
+            fused = {"fused": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dtype), scale=1.0)}
+            if dtype == torch.bfloat16:
+                fused["fused in fp32"] = lambda: F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=bias, scale=1.0).to(dtype)
+            for name, fn in fused.items():
+                ex_s, fu_s, ratio = paired_ratio(explicit, timed(fn), repeats)
+                out.append({"case": case, "dtype": str(dtype).removeprefix("torch."), "fused": name,
+                            "rows": B, "queries": Tq, "keys": Tk, "backward": backward,
+                            "explicit_ms": 1e3 * ex_s, "fused_ms": 1e3 * fu_s, "fused_over_explicit": ratio})
+    return out
+
+
 # ─── the report ───────────────────────────────────────────────────────────────────────────────────
 
 def flop_rate(flops: float) -> str:
@@ -574,6 +611,11 @@ def table(results: dict) -> str:
                          f"{a['sft']['seconds'] / b['sft']['seconds']:.2f}× · {a['rl']['seconds'] / b['rl']['seconds']:.2f}× "
                          f"({a['rl']['rollout_s'] / b['rl']['rollout_s']:.2f}× · "
                          f"{a['rl']['update_s'] / b['rl']['update_s']:.2f}×)", "", "", "", ""))
+    for a in results.get("attention", []):
+        lines.append(row(f"attention, {a['dtype']}, {a['case']} ({a['rows']} rows, {a['queries']} × {a['keys']}"
+                         f"{', forward + backward' if a['backward'] else ''}): {a['fused']} vs explicit softmax "
+                         "(ms; ratio fused/explicit)", f"{a['fused_ms']:.2f} vs {a['explicit_ms']:.2f}", "",
+                         f"{a['fused_over_explicit']:.2f}×", "", ""))
     if s := results.get("reward"):
         hi = TARGETS["reward_share"]
         lines.append(row(f"reward / generate ({s['reward_s'] * 1e3:.1f} ms / {s['generate_s'] * 1e3:.0f} ms)",
@@ -581,7 +623,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-BENCHMARKS = ("sampling", "sft", "reward", "rl", "train")
+BENCHMARKS = ("sampling", "sft", "reward", "rl", "attention", "train")
 
 
 def main(argv=None):
@@ -627,6 +669,8 @@ def main(argv=None):
         results["reward"] = bench_reward_share(cfg, repeats=args.repeats)
     if "rl" in only:
         results["rl"] = bench_rl_iteration(cfg, repeats=args.repeats, size=args.size)
+    if "attention" in only:
+        results["attention"] = bench_attention(cfg, repeats=args.repeats)
     if "train" in only:
         results["train"] = [bench_train(args.size, device, dtype, args.repeats, batch_size=args.batch_size,
                                         prompts=args.prompts, compile=args.compile,

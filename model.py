@@ -133,8 +133,8 @@ def attend(q, k, v, bias=None, need_weights=False):
 
     q [B,H,Tq,d], k and v [B,H,Tk,d], bias broadcastable to [B,H,Tq,Tk]: position bias plus −inf on the
     keys a query may not see. Unless the caller needs the weights, PyTorch's fused kernel runs —
-    except in bf16 on the CPU, where the fused kernel was 1.6–4× slower than the explicit softmax at
-    our sizes, forward and backward (measured on the AMD EPYC, family 25 model 17). The explicit
+    except in bf16 on the CPU, where the fused kernel, in bf16 or on q, k, v cast to fp32, was 1.8–4.8×
+    slower than the explicit softmax at our sizes (`bench.py --only attention`). The explicit
     softmax runs in fp32 even under bf16 autocast (Ā feeds the reward); with `need_weights` its
     weights [B,H,Tq,Tk] are returned. A −inf key gets exp(−inf) = 0, i.e. exactly zero weight, on
     both paths.

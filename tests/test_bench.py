@@ -4,8 +4,8 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import (bench_reward_share, bench_rl_iteration, bench_sampling, bench_train, forward_flops, matmul_params,
-                   table, train_flops)
+from bench import (bench_attention, bench_reward_share, bench_rl_iteration, bench_sampling, bench_train, forward_flops,
+                   matmul_params, table, train_flops)
 from model import PRESETS, Transformer
 
 CFG = replace(PRESETS["tiny"], vocab_size=97, d_model=32, n_heads=4, d_kv=8, d_ff=64, max_len=16)
@@ -27,6 +27,16 @@ def test_rl_iteration_benchmark_splits_the_time_into_its_parts():
     assert all(rl[k] > 0 for k in parts) and abs(rl["total_s"] - sum(rl[k] for k in parts)) < 1e-9
     assert 1 <= rl["length"] <= rl["padded"] <= CFG.max_len
     assert "one RL iteration" in table({"rl": rl})
+
+
+def test_attention_benchmark_times_every_case_against_the_explicit_softmax():
+    rows = bench_attention(CFG, repeats=1)
+    # two cases × (fp32: fused; bf16: fused, fused in fp32)
+    assert [(r["case"], r["dtype"], r["fused"]) for r in rows] == [
+        (case, dtype, fused) for case in ("sampling step", "SFT layer")
+        for dtype, fused in (("float32", "fused"), ("bfloat16", "fused"), ("bfloat16", "fused in fp32"))]
+    assert all(r["explicit_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
+    assert table({"attention": rows}).count("attention, ") == 6
 
 
 def test_train_benchmark_reports_tokens_per_second_and_an_mfu_below_one():
