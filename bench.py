@@ -10,7 +10,8 @@ median of `--repeats` calls; a ratio of two timings (ours/HF, bf16/fp32) is the 
 that time the two in turn. The baseline is `T5ForConditionalGeneration` holding our randomly
 initialised model's own weights (exported, so the same architecture and FLOPs; no weights are
 downloaded); it needs the extra of requirements-bench.txt. The comparisons with it (sampling, sft,
-reward, rl) run on the CPU in float32 (sampling also in bf16); --device, --dtype, --compile and
+reward, rl) run on the CPU in float32 (sampling also in bf16); `attention` times PyTorch's fused
+attention kernel against model.attend's explicit softmax (no baseline); --device, --dtype, --compile and
 --grad-checkpoint apply to `train` alone, which needs neither the baseline nor a tokenizer or data
 files (random ids of the preset's shapes), so that it runs for every preset. Never run by the tests, except a smoke test of small sizes.
 """
@@ -541,7 +542,7 @@ def bench_attention(cfg: ModelConfig, repeats=5) -> list[dict]:
                     q.float(), k.float(), v.float(), attn_mask=bias, scale=1.0).to(dtype)
             for name, fn in fused.items():
                 ex_s, fu_s, ratio = paired_ratio(explicit, timed(fn), repeats)
-                out.append({"case": case, "dtype": str(dtype).removeprefix("torch."), "fused": name,
+                out.append({"case": case, "dtype": "fp32" if dtype == torch.float32 else "bf16", "fused": name,
                             "rows": B, "queries": Tq, "keys": Tk, "backward": backward,
                             "explicit_ms": 1e3 * ex_s, "fused_ms": 1e3 * fu_s, "fused_over_explicit": ratio})
     return out

@@ -34,7 +34,7 @@ def test_attention_benchmark_times_every_case_against_the_explicit_softmax():
     # two cases × (fp32: fused; bf16: fused, fused in fp32)
     assert [(r["case"], r["dtype"], r["fused"]) for r in rows] == [
         (case, dtype, fused) for case in ("sampling step", "SFT layer")
-        for dtype, fused in (("float32", "fused"), ("bfloat16", "fused"), ("bfloat16", "fused in fp32"))]
+        for dtype, fused in (("fp32", "fused"), ("bf16", "fused"), ("bf16", "fused in fp32"))]
     assert all(r["explicit_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
     assert table({"attention": rows}).count("attention, ") == 6
 
