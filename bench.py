@@ -11,8 +11,8 @@ that time the two in turn. The baseline is `T5ForConditionalGeneration` holding 
 initialised model's own weights (exported, so the same architecture and FLOPs; no weights are
 downloaded); it needs the extra of requirements-bench.txt. The comparisons with it (sampling, sft,
 reward, rl) run on the CPU in float32 (sampling also in bf16); `attention` times PyTorch's fused
-attention kernel against model.attend's explicit softmax (no baseline); --device, --dtype, --compile and
---grad-checkpoint apply to `train` alone, which needs neither the baseline nor a tokenizer or data
+attention kernel against model.attend's explicit softmax (no baseline); --device, --dtype, --compile
+and --grad-checkpoint apply to `train` alone, which needs neither the baseline nor a tokenizer or data
 files (random ids of the preset's shapes), so that it runs for every preset. Never run by the tests, except a smoke test of small sizes.
 """
 import argparse
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from model import PRESETS, ModelConfig, Transformer, decoder_input
+from model import PRESETS, ModelConfig, Transformer, attend, decoder_input
 from reward import cagsr_reward
 from hf import read_config
 from rundir import export_hf
@@ -519,8 +519,6 @@ def bench_attention(cfg: ModelConfig, repeats=5) -> list[dict]:
     step (64 prompts × 4 samples, one query, 16 cached keys; forward) and an SFT decoder layer (64
     pairs, 32 queries over 32 keys; forward + backward). In bf16 the fused kernel is run both in bf16
     and as attend ran it before 41db03d, on q, k, v cast to fp32."""
-    import torch.nn.functional as F
-    from model import attend
     H, d, out = cfg.n_heads, cfg.d_kv, []
     for case, B, Tq, Tk, backward in (("sampling step", 256, 1, 16, False), ("SFT layer", 64, 32, 32, True)):
         for dtype in (torch.float32, torch.bfloat16):
@@ -536,10 +534,10 @@ def bench_attention(cfg: ModelConfig, repeats=5) -> list[dict]:
                         o.float().sum().backward()
                 return run
             explicit = timed(lambda: attend(q, k, v, bias, need_weights=True)[0])
-            fused = {"fused": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dtype), scale=1.0)}
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            fused = {"fused": lambda: sdpa(q, k, v, attn_mask=bias.to(dtype), scale=1.0)}
             if dtype == torch.bfloat16:
-                fused["fused in fp32"] = lambda: F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=bias, scale=1.0).to(dtype)
+                fused["fused in fp32"] = lambda: sdpa(q.float(), k.float(), v.float(), attn_mask=bias, scale=1.0).to(dtype)
             for name, fn in fused.items():
                 ex_s, fu_s, ratio = paired_ratio(explicit, timed(fn), repeats)
                 out.append({"case": case, "dtype": "fp32" if dtype == torch.float32 else "bf16", "fused": name,
