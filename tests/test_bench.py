@@ -15,10 +15,11 @@ def test_sampling_and_reward_benchmarks_report_positive_throughput():
     sampling = bench_sampling(CFG, prompts=2, samples=2, new_tokens=4, prompt_len=5, repeats=1, baseline=False)
     assert sampling["new_tokens"] == 2 * 2 * 4
     assert sampling["ours_tok_s"] > 0 and sampling["ours_bf16_tok_s"] > 0
+    assert 0 < sampling["ours_mfu"] < 1 and "hf_mfu" not in sampling  # no baseline run, no baseline MFU
     reward = bench_reward_share(CFG, prompts=2, samples=2, new_tokens=4, prompt_len=6, repeats=1)
     assert reward["generate_s"] > 0 and 0 < reward["share"]
     report = table({"sampling": sampling, "reward": reward})
-    assert "sampling" in report and "reward / generate" in report
+    assert "sampling" in report and "sampling + Ā, fp32: MFU" in report and "reward / generate" in report
 
 
 def test_rl_iteration_benchmark_splits_the_time_into_its_parts():
