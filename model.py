@@ -133,11 +133,11 @@ def attend(q, k, v, bias=None, need_weights=False):
 
     q [B,H,Tq,d], k and v [B,H,Tk,d], bias broadcastable to [B,H,Tq,Tk]: position bias plus −inf on the
     keys a query may not see. Unless the caller needs the weights, PyTorch's fused kernel runs —
-    except in bf16 on the CPU, where the fused kernel, in bf16 or on q, k, v cast to fp32, was 1.8–4.8×
-    slower than the explicit softmax at our sizes (`bench.py --only attention`). The explicit
-    softmax runs in fp32 even under bf16 autocast (Ā feeds the reward); with `need_weights` its
-    weights [B,H,Tq,Tk] are returned. A −inf key gets exp(−inf) = 0, i.e. exactly zero weight, on
-    both paths.
+    except in bf16 on the CPU, where the fused kernel, in bf16 or on q, k, v cast to fp32, was 1.4–4.8×
+    slower than the explicit softmax at our sizes (`bench.py --only attention`, two days' runs on an
+    AMD EPYC, Zen 4; the README has both). The explicit softmax runs in fp32 even under bf16 autocast
+    (Ā feeds the reward); with `need_weights` its weights [B,H,Tq,Tk] are returned. A −inf key gets
+    exp(−inf) = 0, i.e. exactly zero weight, on both paths.
     """
     if not need_weights and not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
         mask = None if bias is None else bias.to(q.dtype)
