@@ -455,8 +455,10 @@ class Transformer(nn.Module):
         cross_kv = [layer.cross_attn.keys_values(memory) for layer in self.decoder]  # [B,H,S,d] each
         self_bias, cross_bias = self.self_bias(T_max), additive_mask(src_mask)  # step t reads row t
         BN, S, dev = src_ids.shape[0] * N, src_ids.shape[1], src_ids.device
+        # the cache holds keys/values in the dtype the projections give them (bf16 under autocast, where
+        # the residual stream stays fp32): a wider cache would cast all of it back at every step
         cache = torch.zeros(len(self.decoder), 2, BN, cfg.n_heads, T_max, cfg.d_kv, device=dev,
-                            dtype=memory.dtype)
+                            dtype=cross_kv[0][0].dtype)
         tokens = torch.full((BN, T_max), cfg.pad_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(BN, T_max, device=dev)
         mask = torch.zeros(BN, T_max, dtype=torch.bool, device=dev)

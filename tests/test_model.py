@@ -146,6 +146,27 @@ def test_static_shape_sampling_equals_eager_sampling(model, greedy):
     torch.testing.assert_close(b.cross_attn, a.cross_attn, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_sampling_under_bf16_autocast_keeps_a_bf16_cache_and_distributions(model, static):
+    """Under bf16 autocast the KV cache takes the dtype the key projections give (bf16): the static path,
+    which writes it with index_copy_, then runs as the default path does (with an fp32 cache it
+    raised), and both give log-probabilities ≤ 0 and rows of Ā that sum to 1."""
+    src, N, T = prompts([7, 4, 2], S=9), 2, 6
+    zeros = torch.zeros
+    dtypes = []
+
+    def recording_zeros(*shape, **kw):  # the cache is the one 6-d buffer generate allocates
+        dtypes.extend([kw.get("dtype")] if len(shape) == 6 else [])
+        return zeros(*shape, **kw)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "zeros", recording_zeros)
+        r = model.generate(src, num_samples=N, max_new_tokens=T, capture_last=2, static=static)
+    assert dtypes == [torch.bfloat16]
+    assert torch.all(r.logprobs[r.mask] <= 0)
+    torch.testing.assert_close(r.cross_attn[r.mask].sum(-1), torch.ones(int(r.mask.sum())), atol=1e-2, rtol=0)
+
+
 @pytest.mark.slow  # compiling takes a minute on a CPU
 def test_the_compiled_sampling_step_equals_the_eager_one(model):
     """compile_sampling (CUDA graphs on a GPU; on the CPU the same compiled graph without them)."""
